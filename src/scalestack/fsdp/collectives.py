@@ -1,0 +1,91 @@
+"""Every collective and every copy the engine makes goes through here, so they can be counted.
+
+``traffic()`` reports bytes all-gathered (output size), bytes reduce-scattered (input size) and bytes copied
+outside collectives (casts for mixed precision, accumulation into an existing sharded gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, Work
+
+
+@dataclass
+class Traffic:
+    all_gather_bytes: int = 0
+    reduce_scatter_bytes: int = 0
+    all_gathers: int = 0
+    reduce_scatters: int = 0
+    copy_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+_traffic = Traffic()
+
+
+def traffic() -> Traffic:
+    """A snapshot of the counters since the last ``reset_traffic()`` (this process only)."""
+    return Traffic(**asdict(_traffic))
+
+
+def reset_traffic() -> None:
+    global _traffic
+    _traffic = Traffic()
+
+
+def count_copy(t: torch.Tensor) -> None:
+    """Record that ``t`` was written by a copy outside any collective."""
+    _traffic.copy_bytes += t.numel() * t.element_size()
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a counted copy when the dtype differs, the same tensor otherwise."""
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    count_copy(out)
+    return out
+
+
+class PendingGather:
+    """An in-flight all-gather. Its completion bumps the output's version counter (gloo writes the output
+    on its own thread), which would make autograd reject the tensors it saved from views of that output;
+    ``wait()`` restores the counter, since the data is the same parameters gathered again."""
+
+    def __init__(self, work: Work | None, output: torch.Tensor, version: int):
+        self._work, self._output, self._version = work, output, version
+
+    def wait(self) -> None:
+        if self._work is not None:
+            with torch.profiler.record_function("scalestack::wait_all_gather"):
+                self._work.wait()
+            self._work = None
+        torch._C._autograd._unsafe_set_version_counter((self._output,), (self._version,))
+
+
+def all_gather(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -> PendingGather:
+    """Issue the all-gather of every rank's ``shard`` into ``output`` (rank r's at ``[r*S, (r+1)*S)``)."""
+    _traffic.all_gather_bytes += output.numel() * output.element_size()
+    _traffic.all_gathers += 1
+    version = output._version
+    with torch.no_grad(), torch.profiler.record_function("scalestack::all_gather"):
+        work = dist.all_gather_into_tensor(output, shard, group=group, async_op=True)
+    return PendingGather(work, output, version)
+
+
+def reduce_scatter_avg(output: torch.Tensor, full: torch.Tensor, group: ProcessGroup) -> Work | None:
+    """Average ``full`` over ranks and leave rank r's window of the result in ``output`` (async)."""
+    _traffic.reduce_scatter_bytes += full.numel() * full.element_size()
+    _traffic.reduce_scatters += 1
+    with torch.no_grad(), torch.profiler.record_function("scalestack::reduce_scatter"):
+        return dist.reduce_scatter_tensor(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
+
+
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> None:
+    with torch.no_grad():
+        dist.all_reduce(t, op=op, group=group)

@@ -1,0 +1,78 @@
+"""Full (unsharded) state dicts: keys and shapes exactly as the unsharded model's ``state_dict()``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .fully_shard import units
+from .unit import ManagedParam, ShardState, ShardedUnit
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[ShardedUnit, ManagedParam]]:
+    owners = {}
+    for unit in units(model):
+        for p in unit.params:
+            owners[id(p.sharded)] = owners[id(p.unsharded)] = (unit, p)
+    return owners
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather every unit (one all-gather each, in the master dtype) and return full tensors.
+
+    A collective: every rank must call it. Tied parameters share one tensor, as in ``state_dict()``.
+    """
+    owners = _owners(model)
+    full: dict[int, torch.Tensor] = {}
+    for unit in units(model):
+        out = torch.empty(unit.layout.total_size, dtype=unit.shard_buffer.dtype, device=unit.shard_buffer.device)
+        dist.all_gather_into_tensor(out, unit.shard_buffer, group=unit.group)
+        full[id(unit)] = out
+    result = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in owners:
+            unit, p = owners[id(value)]
+            slot = unit.layout.slots[p.slot_index]
+            result[key] = full[id(unit)][slot.offset : slot.end].view(slot.shape)
+        else:
+            result[key] = value.detach()
+    return result
+
+
+def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy each rank's pieces out of full tensors (no communication: every rank holds ``state_dict``)."""
+    for unit in units(model):
+        if unit.state is not ShardState.SHARDED:
+            raise RuntimeError(f"unit {unit.name} is unsharded; call load_full_state_dict between steps")
+    owners = _owners(model)
+    expected = model.state_dict(keep_vars=True)
+    if strict:
+        missing = sorted(expected.keys() - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - expected.keys())
+        if missing or unexpected:
+            raise KeyError(
+                f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}; "
+                "pass strict=False to load a subset"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key not in state_dict:
+                continue
+            source = state_dict[key]
+            if not torch.is_tensor(source):
+                raise TypeError(f"state dict entry {key!r} is a {type(source).__name__}, not a tensor")
+            if id(target) in owners:
+                unit, p = owners[id(target)]
+                shape = unit.layout.slots[p.slot_index].shape
+                if tuple(source.shape) != shape:
+                    raise ValueError(f"{key!r}: the model has shape {list(shape)}, the state dict {list(source.shape)}")
+                p.sharded.copy_(source.reshape(-1)[p.piece.start : p.piece.end])
+            else:
+                if source.shape != target.shape:
+                    raise ValueError(
+                        f"{key!r}: the model has shape {list(target.shape)}, the state dict {list(source.shape)}"
+                    )
+                target.copy_(source)

@@ -1,0 +1,55 @@
+"""Gradient clipping over sharded parameters: the same global norm as unsharded clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..fsdp.fully_shard import _OWNER, units
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
+    """Scale all gradients of ``model`` so their global norm is at most ``max_norm``; return that norm.
+
+    Sharded pieces are disjoint across ranks, so their contributions are summed (max for inf) with one
+    all-reduce; parameters outside any unit are replicated and counted once.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("clip_grad_norm_ takes the fully_shard-ed model (an nn.Module)")
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if max_norm < 0 or math.isnan(max_norm):
+        raise ValueError(f"max_norm must be a non-negative number, got {max_norm}")
+    if norm_type <= 0 or math.isnan(norm_type):
+        raise ValueError(f"norm_type must be positive (or inf), got {norm_type}")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sharded = [p.grad for p in model.parameters() if p.grad is not None and hasattr(p, _OWNER)]
+    replicated = [p.grad for p in model.parameters() if p.grad is not None and not hasattr(p, _OWNER)]
+    all_units = units(model)
+    device = grads[0].device if grads else (all_units[0].shard_buffer.device if all_units else torch.device("cpu"))
+    inf = math.isinf(norm_type)
+
+    def reduce(gs: list[torch.Tensor]) -> torch.Tensor:
+        acc = torch.zeros((), dtype=torch.float64, device=device)
+        for g in gs:
+            if g.numel() == 0:
+                continue
+            g = g.detach().double()
+            acc = torch.maximum(acc, g.abs().max()) if inf else acc + g.abs().pow(norm_type).sum()
+        return acc
+
+    total = reduce(sharded)
+    if all_units:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=all_units[0].group)
+    local = reduce(replicated)
+    total = torch.maximum(total, local) if inf else (total + local) ** (1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()})")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype))
+    return total.to(grads[0].dtype if grads else torch.float32)
