@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .fully_shard import units
+from .api import units
 from .unit import ManagedParam, ShardState, ShardedUnit
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..fsdp.fully_shard import _OWNER, units
+from ..fsdp.api import _OWNER, units
 
 
 def clip_grad_norm_(
