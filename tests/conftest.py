@@ -1,5 +1,4 @@
 import pytest
-
 from dist_pool import DistPool
 
 

@@ -7,6 +7,7 @@ test can run at any W <= N without new processes. A hang or an error on any rank
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue
@@ -100,10 +101,8 @@ class DistPool:
 
     def close(self) -> None:
         for q in self._tasks:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 q.put(None)
-            except (OSError, ValueError):
-                pass
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():

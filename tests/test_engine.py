@@ -37,8 +37,9 @@ def shard(model: GPT, group, **kwargs) -> GPT:
 def batches(steps: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        yield torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g), torch.randint(
-            0, CFG.vocab_size, (BATCH, SEQ), generator=g
+        yield (
+            torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g),
+            torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g),
         )
 
 
@@ -57,7 +58,9 @@ def param_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
     expected = ref.state_dict()
     assert full.keys() == expected.keys()
     errors = {k: rel(full[k], v) for k, v in expected.items()}
-    errors["*"] = rel(torch.cat([full[k].flatten() for k in expected]), torch.cat([v.flatten() for v in expected.values()]))
+    errors["*"] = rel(
+        torch.cat([full[k].flatten() for k in expected]), torch.cat([v.flatten() for v in expected.values()])
+    )
     return errors
 
 
@@ -242,8 +245,10 @@ def clip_case(rank, world, group):
         model(local(x, rank, world), local(y, rank, world)).backward()
         ref(x, y).backward()
         norms.append((ss.clip_grad_norm_(model, 0.05).item(), nn.utils.clip_grad_norm_(ref.parameters(), 0.05).item()))
-        inf = (ss.clip_grad_norm_(model, 1e9, norm_type=float("inf")).item(),
-               nn.utils.clip_grad_norm_(ref.parameters(), 1e9, norm_type=float("inf")).item())
+        inf = (
+            ss.clip_grad_norm_(model, 1e9, norm_type=float("inf")).item(),
+            nn.utils.clip_grad_norm_(ref.parameters(), 1e9, norm_type=float("inf")).item(),
+        )
         norms.append(inf)
         opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
     return norms, param_errors(model, ref)

@@ -19,6 +19,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import collectives as comm
 from .granularity import GranularityRule, granule_elements, resolve_granularity
 from .layout import Layout, TensorSpec, plan_in_order
 from .mixed_precision import MixedPrecision
@@ -97,9 +98,9 @@ class _Iteration:
         return self._next(list(reversed(self.post_forward_order)), state)
 
     def on_reduce_issued(self, unit: ShardedUnit) -> None:
-        """Keep at most two reduce-scatters in flight: finishing the older frees its grad buffer."""
+        """Keep one reduce-scatter in flight behind the newest: finishing it frees its grad buffer."""
         self.in_flight.append(unit)
-        while len(self.in_flight) > 2:
+        while len(self.in_flight) > 1:
             self.in_flight.pop(0).finish_reduce()
 
     def begin_backward(self) -> None:
@@ -210,9 +211,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     if torch.is_grad_enabled():
         tensors = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
         if tensors:
-            torch.autograd.graph.register_multi_grad_hook(
-                tensors, lambda grads: _pre_backward(state), mode="any"
-            )
+            torch.autograd.graph.register_multi_grad_hook(tensors, lambda grads: _pre_backward(state), mode="any")
         if state.unit is not None and state.unit.reshard_after_forward and not state.is_root:
             state.unit.reshard()
     elif state.is_root:  # evaluation: nothing will come back for the full parameters
@@ -282,7 +281,7 @@ def _check_ranks_agree(states: list[FSDPState], group: ProcessGroup) -> None:
     world = dist.get_world_size(group)
     mine = torch.tensor([digest], dtype=torch.int64, device=device)
     everyone = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(everyone, mine, group=group)
+    comm.all_gather_blocking(everyone, mine, group)
     if bool((everyone == everyone[0]).all()):
         return
     descriptions: list[Any] = [None] * world

@@ -28,6 +28,16 @@ class Traffic:
 _traffic = Traffic()
 
 
+
+def _all_gather_single(*args, **kwargs):
+    # torch 2.13 renamed the single-tensor collectives; releases before it (>= 2.6) have only the old names.
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_single(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
 def traffic() -> Traffic:
     """A snapshot of the counters since the last ``reset_traffic()`` (this process only)."""
     return Traffic(**asdict(_traffic))
@@ -36,6 +46,17 @@ def traffic() -> Traffic:
 def reset_traffic() -> None:
     global _traffic
     _traffic = Traffic()
+
+
+
+
+def _all_gather_single(*args, **kwargs):
+    # torch 2.13 renamed the single-tensor collectives; releases before it (>= 2.6) have only the old names.
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_single(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
 
 
 def count_copy(t: torch.Tensor) -> None:
@@ -74,7 +95,7 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -
     _traffic.all_gathers += 1
     version = output._version
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_gather"):
-        work = dist.all_gather_into_tensor(output, shard, group=group, async_op=True)
+        work = _all_gather_single(output, shard, group=group, async_op=True)
     return PendingGather(work, output, version)
 
 
@@ -83,9 +104,10 @@ def reduce_scatter_avg(output: torch.Tensor, full: torch.Tensor, group: ProcessG
     _traffic.reduce_scatter_bytes += full.numel() * full.element_size()
     _traffic.reduce_scatters += 1
     with torch.no_grad(), torch.profiler.record_function("scalestack::reduce_scatter"):
-        return dist.reduce_scatter_tensor(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
+        return _reduce_scatter_single(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
 
 
-def all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup) -> None:
+def all_gather_blocking(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -> None:
+    """A synchronous, uncounted all-gather for bookkeeping (state dicts, checks), not for training."""
     with torch.no_grad():
-        dist.all_reduce(t, op=op, group=group)
+        _all_gather_single(output, shard, group=group)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
-GranularitySpec = Union[str, int]
-GranularityRule = Union[GranularitySpec, Callable[[str, torch.Tensor], GranularitySpec], None]
+GranularitySpec = str | int
+GranularityRule = GranularitySpec | Callable[[str, torch.Tensor], GranularitySpec] | None
 
 _NAMED = ("element", "row", "tensor")
 

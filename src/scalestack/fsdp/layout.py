@@ -116,8 +116,7 @@ class Layout:
     def __str__(self) -> str:
         pct = 100.0 * self.padding / max(self.total_size, 1)
         lines = [
-            f"Layout: W={self.world_size} S={self.shard_size} numel={self.numel} "
-            f"padding={self.padding} ({pct:.2f}%)"
+            f"Layout: W={self.world_size} S={self.shard_size} numel={self.numel} padding={self.padding} ({pct:.2f}%)"
         ]
         for s in self.slots:
             lines.append(f"  [{s.offset:>10}, {s.end:>10})  {s.name}  shape={list(s.shape)} granule={s.granule}")

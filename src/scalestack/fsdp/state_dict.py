@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from . import collectives as comm
 from .api import units
-from .unit import ManagedParam, ShardState, ShardedUnit
+from .unit import ManagedParam, ShardedUnit, ShardState
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[ShardedUnit, ManagedParam]]:
@@ -29,7 +29,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     full: dict[int, torch.Tensor] = {}
     for unit in units(model):
         out = torch.empty(unit.layout.total_size, dtype=unit.shard_buffer.dtype, device=unit.shard_buffer.device)
-        dist.all_gather_into_tensor(out, unit.shard_buffer, group=unit.group)
+        comm.all_gather_blocking(out, unit.shard_buffer, unit.group)
         full[id(unit)] = out
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():

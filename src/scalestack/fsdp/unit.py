@@ -206,4 +206,3 @@ class ShardedUnit:
             else:
                 p.sharded.grad += view
                 comm.count_copy(view)
-
