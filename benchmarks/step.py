@@ -234,8 +234,10 @@ def main() -> None:
     ref_peak = max(acc[systems[0]]["peak"])
     mib = 2**20
     print()
-    print(f"| system | step (ms) | step vs {systems[0]} | peak MiB/rank | peak vs {systems[0]} "
-          "| AG MiB/step | RS MiB/step | AR MiB/step | copy MiB/step |")
+    print(
+        f"| system | step (ms) | step vs {systems[0]} | peak MiB/rank | peak vs {systems[0]} "
+        "| AG MiB/step | RS MiB/step | AR MiB/step | copy MiB/step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for s in systems:

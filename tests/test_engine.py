@@ -25,6 +25,7 @@ def make_models(seed: int = 0) -> tuple[GPT, GPT]:
     torch.manual_seed(seed)
     ref = GPT(CFG)
     ref.layers[1].ln_1.weight.requires_grad_(False)  # frozen, inside a sharded unit
+    ref.layers[0].register_buffer("calibration", torch.linspace(0, 1, 5))  # a persistent buffer
     return ref, copy.deepcopy(ref)
 
 

@@ -28,7 +28,6 @@ class Traffic:
 _traffic = Traffic()
 
 
-
 def _all_gather_single(*args, **kwargs):
     # torch 2.13 renamed the single-tensor collectives; releases before it (>= 2.6) have only the old names.
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
@@ -46,8 +45,6 @@ def traffic() -> Traffic:
 def reset_traffic() -> None:
     global _traffic
     _traffic = Traffic()
-
-
 
 
 def _all_gather_single(*args, **kwargs):

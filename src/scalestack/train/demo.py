@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     if "RANK" not in os.environ:
-        raise SystemExit("launch with torchrun, e.g.: torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo")
+        raise SystemExit("launch with torchrun: torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo")
     if not args.data.is_file():
         raise SystemExit(f"training text not found at {args.data}; pass --data FILE")
     dist.init_process_group("gloo")
@@ -101,9 +101,11 @@ def main() -> None:
             train_loss = global_mean(loss)
             with torch.no_grad():
                 val_loss = global_mean(model(*batch(val, torch.Generator().manual_seed(step))))
-            log(f"step {step:4d}  train loss {train_loss:.3f}  val loss {val_loss:.3f}  {time.perf_counter() - t0:6.1f}s")
+            elapsed = time.perf_counter() - t0
+            log(f"step {step:4d}  train loss {train_loss:.3f}  val loss {val_loss:.3f}  {elapsed:6.1f}s")
 
-    sample = generate(model, [stoi[c] for c in "To be"], 200, cfg.block_size)
+    prompt = [stoi[c] for c in "To be" if c in stoi] or [0]
+    sample = generate(model, prompt, 200, cfg.block_size)
     log("sample: " + repr("".join(chars[i] for i in sample)))
     dist.destroy_process_group()
 
