@@ -47,7 +47,7 @@ class UnshardHandle:
             unit.wait_for_unshard()
 
 
-@dataclass
+@dataclass(eq=False)
 class FSDPState:
     module: nn.Module
     unit: ShardedUnit | None
@@ -59,7 +59,7 @@ class FSDPState:
     is_root: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Iteration:
     """What the root knows of one step: unit order (for implicit prefetch) and the end of backward."""
 
@@ -101,6 +101,11 @@ class _Iteration:
         """Keep one reduce-scatter in flight behind the newest: finishing it frees its grad buffer."""
         self.in_flight.append(unit)
         while len(self.in_flight) > 1:
+            self.in_flight.pop(0).finish_reduce()
+
+    def free_finished_reduces(self) -> None:
+        """Between gradient arrivals: hand out reduce-scatters that are done, freeing their grad buffers."""
+        while self.in_flight and self.in_flight[0].reduce_completed():
             self.in_flight.pop(0).finish_reduce()
 
     def begin_backward(self) -> None:
@@ -232,7 +237,7 @@ def _pre_backward(state: FSDPState) -> None:
             state.unit.wait_for_unshard()
             state.unit.begin_backward()
     for target in it.backward_prefetch_targets(state):
-        if target.unit is not None and target.unit._backward_done:
+        if target.unit is not None and not target.unit.in_backward:
             target.unit.unshard(async_op=True)
 
 
@@ -256,6 +261,7 @@ def _lazy_init(root: FSDPState) -> None:
         if s.unit is not None:
             s.unit.name = names[s.module] or "<root>"
             s.unit.on_reduce_issued = it.on_reduce_issued
+            s.unit.on_grad_ready = it.free_finished_reduces
     if root.unit is not None:  # its parameters are needed again as soon as backward starts
         root.unit.reshard_after_forward = False
     _check_ranks_agree(states, root.group)

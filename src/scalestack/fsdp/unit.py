@@ -28,7 +28,7 @@ class ShardState(Enum):
     UNSHARDED = auto()  # the module shows full parameters, views of the gather buffer
 
 
-@dataclass
+@dataclass(eq=False)
 class ManagedParam:
     """A parameter of the unit: where it is registered, its sharded piece and its full (unsharded) view."""
 
@@ -66,7 +66,7 @@ def _free(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(0)
 
 
-@dataclass
+@dataclass(eq=False)
 class ShardedUnit:
     """The parameters of one ``fully_shard(module)`` call; gathered and freed together."""
 
@@ -88,6 +88,7 @@ class ShardedUnit:
     _backward_done: bool = True
     _pending: _PendingReduce | None = None
     on_reduce_issued: Callable[[ShardedUnit], None] | None = None  # lets the root bound in-flight reduces
+    on_grad_ready: Callable[[], None] | None = None  # lets the root free finished reduces early
     _received: set[int] = field(default_factory=set)  # leaves with a gradient in this accumulation window
     _hooks: list = field(default_factory=list)
 
@@ -165,6 +166,8 @@ class ShardedUnit:
         self._grads_arrived += 1
         if self._grads_arrived == len(self._grad_params):
             self.end_backward()
+        if self.on_grad_ready is not None:
+            self.on_grad_ready()
 
     def end_backward(self) -> None:
         """All gradients of this backward are in: reduce-scatter (unless accumulating) and free."""
@@ -186,6 +189,13 @@ class ShardedUnit:
         self._pending = _PendingReduce(work, output, full, self._received.copy())
         if self.on_reduce_issued is not None:
             self.on_reduce_issued(self)
+
+    @property
+    def in_backward(self) -> bool:
+        return not self._backward_done
+
+    def reduce_completed(self) -> bool:
+        return self._pending is not None and self._pending.work.is_completed()
 
     def finish_reduce(self) -> None:
         """Wait for the in-flight reduce-scatter and hand out the sharded gradients (views of its output)."""
