@@ -352,3 +352,39 @@ def test_no_grad_evaluation(pool):
     err, all_sharded, shows_sharded = pool.run(eval_case, 2)[0]
     assert err < 1e-6
     assert all_sharded and shows_sharded
+
+
+def prefetch_case(rank, world, group):
+    """Record each unit's state when its own hook asks for it: prefetched units are already gathering."""
+    from scalestack.fsdp import unit as unit_module
+
+    _, model = make_models()
+    shard(model, group)
+    seen = []
+    original = unit_module.ShardedUnit.wait_for_unshard
+
+    def recording(self):
+        seen.append((self.name, self.state.name))
+        return original(self)
+
+    unit_module.ShardedUnit.wait_for_unshard = recording
+    try:
+        for x, y in batches(2):
+            seen.clear()
+            model(local(x, rank, world), local(y, rank, world)).backward()
+    finally:
+        unit_module.ShardedUnit.wait_for_unshard = original
+    return seen
+
+
+def test_all_gathers_are_prefetched_in_forward_and_backward(pool):
+    seen = pool.run(prefetch_case, 2)[0]  # the second step: the first one recorded the unit order
+    n = CFG.n_layer
+    forward, backward = seen[: n + 1], seen[n + 1 :]
+    assert forward[0] == ("<root>", "SHARDED")  # nothing runs before the root to prefetch it
+    assert all(state == "GATHERING" for _, state in forward[1:]), forward
+    # backward: the root is still gathered, the last block is gathered on demand, every other block was
+    # prefetched during the backward of the block after it
+    blocks = [(name, state) for name, state in backward if name.startswith("layers.")]
+    assert [name for name, _ in blocks] == [f"layers.{i}" for i in reversed(range(n))]
+    assert all(state == "GATHERING" for _, state in blocks[1:]), blocks

@@ -68,7 +68,6 @@ class _Iteration:
     forward_order: list[FSDPState] = field(default_factory=list)
     post_forward_order: list[FSDPState] = field(default_factory=list)
     last_forward_order: list[FSDPState] = field(default_factory=list)
-    last_backward_order: list[FSDPState] = field(default_factory=list)
     in_flight: list[ShardedUnit] = field(default_factory=list)
 
     def begin_forward(self) -> None:
@@ -76,7 +75,6 @@ class _Iteration:
             self.end_backward()
         if self.forward_order:
             self.last_forward_order = self.forward_order
-            self.last_backward_order = list(reversed(self.post_forward_order))
         self.forward_order, self.post_forward_order = [], []
         self.state = TrainingState.FORWARD
 
@@ -167,7 +165,7 @@ class FSDPModule:
         _state(self).forward_prefetch = _prefetch_states(modules, "set_modules_to_forward_prefetch")
 
     def set_modules_to_backward_prefetch(self, modules: list[FSDPModule]) -> None:
-        """Units whose all-gather is issued when this unit's backward starts (replaces implicit order)."""
+        """Units whose all-gather is issued during this unit's backward (replaces implicit order)."""
         _state(self).backward_prefetch = _prefetch_states(modules, "set_modules_to_backward_prefetch")
 
 
@@ -236,9 +234,12 @@ def _pre_backward(state: FSDPState) -> None:
         with torch.profiler.record_function("scalestack::pre_backward"):
             state.unit.wait_for_unshard()
             state.unit.begin_backward()
-    for target in it.backward_prefetch_targets(state):
-        if target.unit is not None and not target.unit.in_backward:
-            target.unit.unshard(async_op=True)
+    targets = [t.unit for t in it.backward_prefetch_targets(state) if t.unit is not None and not t.unit.in_backward]
+    if state.unit is not None:
+        state.unit.prefetch_during_backward(targets)
+    else:
+        for unit in targets:
+            unit.unshard(async_op=True)
 
 
 # ------------------------------------------------------------------------------------------ lazy init

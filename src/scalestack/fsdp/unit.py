@@ -21,6 +21,11 @@ from torch.distributed import ProcessGroup, Work
 from . import collectives as comm
 from .layout import Layout, Piece
 
+# The next unit's all-gather is issued once this fraction of this unit's gradients has arrived: it still
+# overlaps most of the backward, but not the activation-gradient peak at its start (in a transformer block
+# the MLP's). Measured on the benchmark GPT: issuing it at the unit's pre-backward peaks 4% higher.
+BACKWARD_PREFETCH_AFTER = 0.25
+
 
 class ShardState(Enum):
     SHARDED = auto()  # only the shard buffer exists; the module shows the sharded pieces
@@ -90,6 +95,7 @@ class ShardedUnit:
     on_reduce_issued: Callable[[ShardedUnit], None] | None = None  # lets the root bound in-flight reduces
     on_grad_ready: Callable[[], None] | None = None  # lets the root free finished reduces early
     _received: set[int] = field(default_factory=set)  # leaves with a gradient in this accumulation window
+    _backward_prefetch: list[ShardedUnit] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -149,21 +155,35 @@ class ShardedUnit:
         for p in self._grad_params:
             p.unsharded.grad = self._grad_view(p)
 
+    def prefetch_during_backward(self, units: list[ShardedUnit]) -> None:
+        """Gather ``units`` once enough of this unit's gradients are in (see BACKWARD_PREFETCH_AFTER)."""
+        self._backward_prefetch = list(units)
+        self._maybe_prefetch()
+
+    def _maybe_prefetch(self) -> None:
+        if self._backward_prefetch and self._grads_arrived >= BACKWARD_PREFETCH_AFTER * len(self._grad_params):
+            units, self._backward_prefetch = self._backward_prefetch, []
+            for unit in units:
+                unit.unshard(async_op=True)
+
     def _grad_view(self, p: ManagedParam) -> torch.Tensor:
         slot = self.layout.slots[p.slot_index]
         return self.grad_buffer[slot.offset : slot.end].view(slot.shape)
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        if self._backward_done:
-            return
+        if self._backward_done:  # a gradient before the unit's pre-backward (used outside its forward)
+            early = param.grad
+            self.begin_backward()
+            param.grad = early
         view = self._grad_view(self._by_leaf[id(param)])
         if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
-            # autograd made a new tensor (the unit's pre-backward did not run first): fold it in.
+            # autograd made a new tensor instead of accumulating into the view: fold it in.
             view.add_(param.grad)
             comm.count_copy(view)
             param.grad = view
         self._received.add(id(param))
         self._grads_arrived += 1
+        self._maybe_prefetch()
         if self._grads_arrived == len(self._grad_params):
             self.end_backward()
         if self.on_grad_ready is not None:
@@ -174,6 +194,7 @@ class ShardedUnit:
         if self._backward_done:
             return
         self._backward_done = True
+        self._backward_prefetch = []  # not reached: the unit's own pre-backward will gather it
         if self.requires_gradient_sync and self._grad_params:
             self._reduce_scatter()
         self.reshard()
