@@ -131,8 +131,8 @@ def layout_case(rank, world, group, granularity):
             for slot, piece in zip(lay.slots, lay.pieces(r)):
                 if piece.numel == 0:
                     continue
-                if piece.start % slot.granule or (piece.end % slot.granule and piece.end != slot.numel):
-                    cuts.append((r, slot.name, piece.start, piece.end, slot.granule))
+                if not slot.cuts.allows(piece.start) or not (slot.cuts.allows(piece.end) or piece.end == slot.numel):
+                    cuts.append((r, slot.name, piece.start, piece.end, slot.cuts))
     return cuts
 
 

@@ -7,12 +7,13 @@ import random
 import pytest
 import torch
 
-from scalestack.fsdp.granularity import granule_elements, resolve_granularity, row_length
-from scalestack.fsdp.layout import TensorSpec, plan_in_order
+from scalestack.fsdp.granularity import Cuts, cuts_for, granule_elements, resolve_granularity, row_length
+from scalestack.fsdp.layout import TensorSpec
+from scalestack.fsdp.planner import plan_in_order
 
 
 def spec(name, shape, gran="element"):
-    return TensorSpec(name, tuple(shape), granule_elements(gran, shape))
+    return TensorSpec(name, tuple(shape), cuts_for(gran, shape))
 
 
 def assert_valid(lay, tensors):
@@ -26,8 +27,8 @@ def assert_valid(lay, tensors):
             if p.numel:
                 assert lay.window(r)[0] + p.local_offset == slot.offset + p.start
                 assert p.local_offset + p.numel <= lay.shard_size
-                assert p.start % t.granule == 0
-                assert p.end % t.granule == 0 or p.end == t.numel
+                assert t.cuts.allows(p.start)
+                assert t.cuts.allows(p.end) or p.end == t.numel
                 covered.append((p.start, p.end))
         covered.sort()
         assert covered[0][0] == 0 and covered[-1][1] == t.numel
@@ -41,8 +42,12 @@ def test_granule_elements():
     assert granule_elements(4, (7, 22)) == 88
     assert granule_elements(16, (7, 22)) == 7 * 22  # more rows than the tensor has: the whole tensor
     assert granule_elements("tensor", (3, 4, 5)) == 60
-    assert granule_elements(2, (4, 3, 5)) == 30  # experts [E, out, in]: a row is one expert's matrix
-    assert row_length((4, 3, 5)) == 15
+    assert granule_elements("row", (4, 3, 5)) == 5  # experts [E, out, in]: a row is a row of one expert
+    assert granule_elements("matrix", (4, 3, 5)) == 15  # one expert's matrix
+    assert row_length((4, 3, 5)) == 5
+    # 2-row blocks of 3-row expert matrices restart at every expert: cuts at rows 0 and 2 of each
+    assert cuts_for(2, (4, 3, 5)) == Cuts(15, (0, 10))
+    assert cuts_for(3, (4, 3, 5)) == Cuts.every(15)
 
 
 @pytest.mark.parametrize("bad", ["rows", 0, -3, 1.5, None, True])

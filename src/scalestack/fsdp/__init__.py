@@ -2,15 +2,20 @@
 
 from .api import FSDPModule, UnshardHandle, fully_shard, layout
 from .collectives import Traffic, reset_traffic, traffic
-from .layout import Layout, Piece, TensorSlot, TensorSpec, plan_in_order
+from .granularity import Cuts, cuts_for
+from .layout import Layout, Piece, TensorSlot, TensorSpec
 from .mixed_precision import MixedPrecision
+from .plan import plan
+from .planner import Plan, plan_buffers, plan_in_order, plan_unit
 from .state_dict import full_state_dict, load_full_state_dict
 
 __all__ = [
+    "Cuts",
     "FSDPModule",
     "Layout",
     "MixedPrecision",
     "Piece",
+    "Plan",
     "TensorSlot",
     "TensorSpec",
     "Traffic",
@@ -19,7 +24,11 @@ __all__ = [
     "fully_shard",
     "layout",
     "load_full_state_dict",
+    "cuts_for",
+    "plan",
+    "plan_buffers",
     "plan_in_order",
+    "plan_unit",
     "reset_traffic",
     "traffic",
 ]

@@ -20,9 +20,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import collectives as comm
-from .granularity import GranularityRule, granule_elements, resolve_granularity
-from .layout import Layout, TensorSpec, plan_in_order
+from .granularity import GranularityRule, cuts_for, resolve_granularity
+from .layout import Layout, TensorSpec
 from .mixed_precision import MixedPrecision
+from .planner import plan_unit
 from .unit import ManagedParam, ShardedUnit
 
 _OWNER = "_scalestack_unit"  # set on every parameter a unit owns (original and sharded objects)
@@ -278,6 +279,21 @@ def _describe(states: list[FSDPState]) -> list[str]:
     return out
 
 
+def _gather_text(text: str, group: ProcessGroup, device: torch.device) -> str:
+    """Every rank's ``text``, joined by NUL, with two all-gathers of bytes (no pickling, no numpy)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    world = dist.get_world_size(group)
+    lengths = torch.empty(world, dtype=torch.int64, device=device)
+    comm.all_gather_blocking(lengths, torch.tensor([data.numel()], device=device), group)
+    longest = int(lengths.max())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    everyone = torch.empty(world * longest, dtype=torch.uint8, device=device)
+    comm.all_gather_blocking(everyone, padded, group)
+    chunks = everyone.view(world, longest).cpu()
+    return "\0".join(bytes(chunks[r, : int(lengths[r])].tolist()).decode() for r in range(world))
+
+
 def _check_ranks_agree(states: list[FSDPState], group: ProcessGroup) -> None:
     """One small all-gather of a digest of every unit's shapes; on mismatch every rank raises."""
     lines = _describe(states)
@@ -291,8 +307,8 @@ def _check_ranks_agree(states: list[FSDPState], group: ProcessGroup) -> None:
     comm.all_gather_blocking(everyone, mine, group)
     if bool((everyone == everyone[0]).all()):
         return
-    descriptions: list[Any] = [None] * world
-    dist.all_gather_object(descriptions, lines, group=group)
+    descriptions = _gather_text("\n".join(lines), group, device).split("\0")
+    descriptions = [d.split("\n") if d else [] for d in descriptions]
     rank = dist.get_rank(group)
     other = next(r for r in range(world) if descriptions[r] != lines)
     diff = next(
@@ -420,10 +436,10 @@ def _build_unit(
     compute = (mp.param_dtype if mp and mp.param_dtype else None) or master
     reduce = (mp.reduce_dtype if mp and mp.reduce_dtype else None) or compute
     specs = [
-        TensorSpec(fqn, tuple(p.shape), granule_elements(resolve_granularity(granularity, fqn, p), p.shape))
+        TensorSpec(fqn, tuple(p.shape), cuts_for(resolve_granularity(granularity, fqn, p), p.shape))
         for fqn, p, _ in entries
     ]
-    layout = plan_in_order(specs, world, align=max(1, _ALIGN_BYTES // first.element_size()))
+    layout = plan_unit(specs, world, align=max(1, _ALIGN_BYTES // first.element_size()))
     shard = torch.zeros(layout.shard_size, dtype=master, device=first.device)
     gather = torch.empty(layout.total_size, dtype=compute, device=first.device)
     grads = torch.empty(layout.total_size, dtype=compute, device=first.device)

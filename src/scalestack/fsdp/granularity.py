@@ -1,63 +1,88 @@
-"""Granularity: the smallest run of a tensor's elements that must stay on one rank.
+"""Granularity: where a tensor may be cut between ranks.
 
-A granule is expressed in elements of the flattened tensor. Rows are the trailing dimensions
-(``prod(shape[1:])``), so a ``[out, in]`` weight has rows of ``in`` elements and a 1-D vector has rows of
-one element.
+A tensor's allowed cut points (positions in its flattened elements) are periodic: position p is allowed
+iff ``p % period`` is one of ``offsets``. The common cases have one offset (every multiple of a granule):
+element (1), row (the last dimension), a block of k rows, a matrix (the last two dimensions) or the whole
+tensor. A fused tensor such as MoE experts ``[E, out, in]`` keeps its inner structure: k-row blocks restart
+at every expert, so when ``out % k != 0`` the allowed cuts are the block starts of each expert matrix.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 GranularitySpec = str | int
 GranularityRule = GranularitySpec | Callable[[str, torch.Tensor], GranularitySpec] | None
 
-_NAMED = ("element", "row", "tensor")
+_NAMED = ("element", "row", "matrix", "tensor")
+_HELP = "use 'element', 'row', 'matrix', 'tensor' or a positive int k (blocks of k rows)"
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """Allowed cut positions of one tensor: ``p`` with ``p % period in offsets`` (offsets sorted, from 0)."""
+
+    period: int
+    offsets: tuple[int, ...] = (0,)
+
+    def allows(self, position: int) -> bool:
+        r = position % self.period
+        return r == 0 if len(self.offsets) == 1 else r in self.offsets
+
+    @property
+    def largest_granule(self) -> int:
+        """The longest run between two allowed cuts: it must fit in one window."""
+        bounds = (*self.offsets, self.period)
+        return max(b - a for a, b in zip(bounds, bounds[1:]))
+
+    @staticmethod
+    def every(granule: int) -> Cuts:
+        return Cuts(max(int(granule), 1), (0,))
 
 
 def row_length(shape: Sequence[int]) -> int:
-    """Elements in one row (all dimensions but the first); 1 for 0-D and 1-D tensors."""
-    return math.prod(shape[1:]) if len(shape) > 1 else 1
+    """Elements in one row: the last dimension of a matrix (or stack of matrices); 1 for 0-D and 1-D."""
+    return int(shape[-1]) if len(shape) > 1 else 1
 
 
 def check_granularity(spec: object, where: str = "granularity") -> GranularitySpec:
     """Validate one granularity value and return it; raise a ValueError naming the fix otherwise."""
-    if isinstance(spec, bool) or not isinstance(spec, (str, int)):
-        raise ValueError(
-            f"{where}: unknown granularity {spec!r}; use 'element', 'row', 'tensor' or a positive int k "
-            "(blocks of k rows)"
-        )
-    if isinstance(spec, str) and spec not in _NAMED:
-        raise ValueError(
-            f"{where}: unknown granularity {spec!r}; use 'element', 'row', 'tensor' or a positive int k "
-            "(blocks of k rows)"
-        )
+    if isinstance(spec, bool) or not isinstance(spec, (str, int)) or (isinstance(spec, str) and spec not in _NAMED):
+        raise ValueError(f"{where}: unknown granularity {spec!r}; {_HELP}")
     if isinstance(spec, int) and spec <= 0:
         raise ValueError(f"{where}: a block granularity must be a positive number of rows, got {spec}")
     return spec
 
 
-def granule_elements(spec: GranularitySpec, shape: Sequence[int]) -> int:
-    """The granule of one tensor, in elements; window boundaries may cut the tensor only at multiples."""
-    numel = math.prod(shape)
-    if numel == 0:
-        return 1
+def cuts_for(spec: GranularitySpec, shape: Sequence[int]) -> Cuts:
+    """The allowed cuts of a tensor of ``shape`` under one granularity value."""
     spec = check_granularity(spec)
-    if spec == "element":
-        return 1
-    if spec == "tensor":
-        return numel
-    rows = shape[0] if len(shape) > 1 else numel
-    row = row_length(shape)
+    numel = math.prod(shape)
+    if numel == 0 or spec == "element":
+        return Cuts.every(1)
+    if spec == "tensor" or len(shape) <= 1 and spec == "matrix":
+        return Cuts.every(numel)
+    if len(shape) <= 1:  # a vector's rows are its elements
+        return Cuts.every(1 if spec == "row" else min(spec, numel))
+    row, rows = int(shape[-1]), int(shape[-2])
+    matrix = row * rows
     if spec == "row":
-        return row
-    # k rows: the last block of a tensor whose row count is not a multiple of k is shorter, so the
-    # boundaries that must be respected are multiples of k rows; a granule larger than the tensor is the
-    # whole tensor.
-    return min(spec, rows) * row
+        return Cuts.every(row)
+    if spec == "matrix":
+        return Cuts.every(matrix)
+    k = min(spec, rows)
+    if rows % k == 0:
+        return Cuts.every(k * row)
+    return Cuts(matrix, tuple(j * k * row for j in range(-(-rows // k))))
+
+
+def granule_elements(spec: GranularitySpec, shape: Sequence[int]) -> int:
+    """The largest run of elements that granularity keeps on one rank (for reports and checks)."""
+    return cuts_for(spec, shape).largest_granule
 
 
 def resolve_granularity(rule: GranularityRule, name: str, param: torch.Tensor) -> GranularitySpec:

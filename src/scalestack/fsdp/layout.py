@@ -8,8 +8,9 @@ of a tensor is a whole number of granules. Padding lives only between tensors an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .granularity import Cuts
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    granule: int  # elements that must stay on one rank, counted from the tensor's first element
+    cuts: Cuts  # where window boundaries may cut it
 
     @property
     def numel(self) -> int:
@@ -31,7 +32,7 @@ class TensorSlot:
 
     name: str
     shape: tuple[int, ...]
-    granule: int
+    cuts: Cuts
     offset: int
 
     @property
@@ -64,6 +65,7 @@ class Layout:
     world_size: int
     shard_size: int
     slots: tuple[TensorSlot, ...]
+    tensor_indices: tuple[int, ...] = ()  # which of the planner's input tensors these slots are (multi-buffer)
 
     @property
     def total_size(self) -> int:
@@ -105,7 +107,7 @@ class Layout:
             if s.offset < cursor or s.end > self.total_size:
                 raise AssertionError(f"slot {s.name!r} at [{s.offset}, {s.end}) overlaps or leaves the buffer")
             for k in range(s.offset // S + 1, (s.end - 1) // S + 1 if s.numel else 0):
-                if (k * S - s.offset) % s.granule:
+                if not s.cuts.allows(k * S - s.offset):
                     raise AssertionError(f"window boundary {k * S} cuts a granule of {s.name!r}")
             cursor = max(cursor, s.end)
 
@@ -119,67 +121,6 @@ class Layout:
             f"Layout: W={self.world_size} S={self.shard_size} numel={self.numel} padding={self.padding} ({pct:.2f}%)"
         ]
         for s in self.slots:
-            lines.append(f"  [{s.offset:>10}, {s.end:>10})  {s.name}  shape={list(s.shape)} granule={s.granule}")
+            granule = s.cuts.largest_granule
+            lines.append(f"  [{s.offset:>10}, {s.end:>10})  {s.name}  shape={list(s.shape)} granule={granule}")
         return "\n".join(lines)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _aligned_congruent(lo: int, target: int, granule: int, align: int) -> int | None:
-    """Smallest x >= lo with x % align == 0 and (target - x) % granule == 0, or None if none exists."""
-    x = lo + (target - lo) % granule
-    for _ in range(align // math.gcd(granule, align)):
-        if x % align == 0:
-            return x
-        x += granule
-    return None
-
-
-def _first_cut(offset: int, numel: int, granule: int, S: int) -> int | None:
-    """The first window boundary strictly inside [offset, offset+numel) that is not on a granule edge."""
-    first, last = offset // S + 1, (offset + numel - 1) // S
-    if first > last:
-        return None
-    if S % granule == 0:  # all boundaries are congruent: checking the first one decides
-        return first * S if (first * S - offset) % granule else None
-    for k in range(first, last + 1):
-        if (k * S - offset) % granule:
-            return k * S
-    return None
-
-
-def place_in_order(tensors: Sequence[TensorSpec], S: int, world_size: int, align: int) -> list[int] | None:
-    """Offsets for ``tensors`` in the given order with shard size S, or None if they do not fit."""
-    capacity = S * world_size
-    offsets, cursor = [], 0
-    for t in tensors:
-        n, g = t.numel, max(t.granule, 1)
-        off = _round_up(cursor, align)
-        while n and (cut := _first_cut(off, n, g, S)) is not None:
-            # Either shift the tensor so the boundary lands on a granule edge, or start it at the boundary.
-            shifted = _aligned_congruent(off, cut, g, align)
-            off = cut if shifted is None else min(shifted, cut)
-            if off + n > capacity:
-                return None
-        if off + n > capacity:
-            return None
-        offsets.append(off)
-        cursor = off + n
-    return offsets
-
-
-def plan_in_order(tensors: Sequence[TensorSpec], world_size: int, align: int = 1) -> Layout:
-    """The smallest S (a multiple of ``align``) for which the tensors fit in the given order."""
-    if world_size <= 0:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    if align <= 0:
-        raise ValueError(f"align must be positive, got {align}")
-    total = sum(t.numel for t in tensors)
-    biggest_granule = max((min(t.granule, t.numel) for t in tensors), default=0)
-    S = _round_up(max(-(-total // world_size), biggest_granule, 1), align)
-    while (offsets := place_in_order(tensors, S, world_size, align)) is None:
-        S += align
-    slots = tuple(TensorSlot(t.name, t.shape, t.granule, o) for t, o in zip(tensors, offsets))
-    return Layout(world_size, S, slots)
