@@ -33,6 +33,12 @@ class Cuts:
         r = position % self.period
         return r == 0 if len(self.offsets) == 1 else r in self.offsets
 
+    def spans(self, S: int) -> bool:
+        """Whether two window boundaries S apart can both be allowed cuts of this tensor."""
+        if len(self.offsets) == 1:
+            return S % self.period == 0
+        return any((a + S - b) % self.period == 0 for a in self.offsets for b in self.offsets)
+
     @property
     def largest_granule(self) -> int:
         """The longest run between two allowed cuts: it must fit in one window."""

@@ -29,6 +29,7 @@ from .layout import Layout, TensorSlot, TensorSpec
 EXACT_TENSORS = 9  # subset DP up to 2^9 states per S
 LOCAL_SEARCH_TENSORS = 48  # single-move local search on units up to this size
 LINEAR_SCAN_STEPS = 256  # then gallop + bisect (feasibility is nearly monotone in S)
+MOVABLE_TENSORS = 12  # the largest tensors of a unit that the multi-buffer search moves one by one
 
 _Key = tuple[tuple[int, Cuts], ...]  # (numel, cuts) per tensor: all the planner looks at
 
@@ -69,23 +70,37 @@ def _earliest_fix(offset: int, boundary: int, cuts: Cuts, align: int) -> int:
 def _place(numel: int, cuts: Cuts, cursor: int, S: int, capacity: int, align: int) -> int | None:
     """Earliest valid end of one tensor placed at or after ``cursor``; None if it does not fit."""
     off = _round_up(cursor, align)
+    spans = cuts.spans(S)
+    if not spans and numel > 2 * S:  # would contain two boundaries S apart wherever it starts
+        return None
     while numel and (bad := _first_bad_boundary(off, numel, cuts, S)) is not None:
-        off = _earliest_fix(off, bad, cuts, align)
+        # two boundaries inside cannot both be cuts: start at the first one; else shift to a cut
+        two_inside = not spans and (off + numel - 1) // S > off // S + 1
+        off = bad if two_inside else _earliest_fix(off, bad, cuts, align)
         if off + numel > capacity:
             return None
     return off if off + numel <= capacity else None
 
 
-def _offsets_in_order(key: _Key, order: Sequence[int], S: int, W: int, align: int) -> list[int] | None:
-    capacity, cursor = S * W, 0
-    offsets = [0] * len(key)
+def _walk(key: _Key, order: Sequence[int], S: int, align: int) -> tuple[list[int], float]:
+    """Earliest offsets in ``order`` with shard size S and unlimited room, and where the last one ends.
+
+    Placement never depends on the room left, so one walk answers both "does it fit in W*S?" and "by
+    how much does it miss?".
+    """
+    cursor, offsets = 0, [0] * len(key)
     for i in order:
         numel, cuts = key[i]
-        off = _place(numel, cuts, cursor, S, capacity, align)
+        off = _place(numel, cuts, cursor, S, math.inf, align)
         if off is None:
-            return None
+            return offsets, math.inf
         offsets[i], cursor = off, off + numel
-    return offsets
+    return offsets, cursor
+
+
+def _offsets_in_order(key: _Key, order: Sequence[int], S: int, W: int, align: int) -> list[int] | None:
+    offsets, end = _walk(key, order, S, align)
+    return offsets if end <= S * W else None
 
 
 def _order_any(key: _Key, S: int, W: int, align: int) -> list[int] | None:
@@ -122,12 +137,16 @@ def _lower_bound(key: _Key, W: int, align: int) -> int:
     return _round_up(max(-(-total // W), granule, 1), align)
 
 
-def _grid(S: int, key: _Key, align: int) -> int:
-    """The smallest candidate >= S: a multiple of every granule of a tensor that then spans two boundaries."""
+def _grid(S: int, key: _Key, align: int, strict: bool = False) -> int:
+    """The smallest candidate >= S: a multiple of every granule of a tensor that then spans two boundaries.
+
+    ``strict`` also takes the granules of tensors longer than one window: they may then span boundaries
+    anywhere, which large units need in practice though it is not required for feasibility.
+    """
     while True:
-        step = align
+        step, reach = align, S if strict else 2 * S
         for n, c in key:
-            if n > 2 * S and len(c.offsets) == 1:
+            if n > reach and len(c.offsets) == 1:
                 step = math.lcm(step, c.period)
         nxt = _round_up(S, step)
         if nxt == S:
@@ -135,25 +154,31 @@ def _grid(S: int, key: _Key, align: int) -> int:
         S = nxt
 
 
-def _search(fits, key: _Key, W: int, align: int, upper: int | None = None) -> tuple[int, object] | None:
-    """Smallest S on the grid (below ``upper`` if given) for which ``fits(S)`` returns a plan."""
-    S = _grid(_lower_bound(key, W, align), key, align)
+def _search(
+    fits, key: _Key, W: int, align: int, upper: int | None = None, hint=None, strict: bool = False
+) -> tuple[int, object] | None:
+    """Smallest S on the grid (below ``upper`` if given) for which ``fits(S)`` returns a plan.
+
+    ``hint(S)``, when given, is an estimate of the next S worth trying after S failed: large units skip
+    ahead by the padding they are short of, at the price of exactness.
+    """
+    S = _grid(_lower_bound(key, W, align), key, align, strict)
     for _ in range(LINEAR_SCAN_STEPS):
         if upper is not None and upper <= S:
             return None
         found = fits(S)
         if found is not None:
             return S, found
-        S = _grid(S + align, key, align)
+        S = _grid(max(S + align, hint(S) if hint else 0), key, align, strict)
     lo, step = S, align  # gallop to a feasible S, then bisect between the last failure and it
     while (found := fits(S)) is None:
         lo, step = S, step * 2
-        S = _grid(S + step, key, align)
+        S = _grid(S + step, key, align, strict)
         if upper is not None and upper <= S:
             return None
     hi, hi_found = S, found
     while True:
-        mid = _grid(_round_up((lo + hi) // 2, align), key, align)
+        mid = _grid(_round_up((lo + hi) // 2, align), key, align, strict)
         if mid <= lo or mid >= hi:
             return hi, hi_found
         found = fits(mid)
@@ -187,8 +212,17 @@ def _plan_key(key: _Key, W: int, align: int) -> tuple[int, tuple[int, ...]]:
         offsets = _offsets_in_order(key, model_order, S, W, align) or _offsets_in_order(key, order, S, W, align)
         return S, tuple(offsets)
     best: tuple[int, list[int]] | None = None
-    for order in _candidate_orders(key):
-        found = _search(lambda s, o=order: _offsets_in_order(key, o, s, W, align), key, W, align, best and best[0])
+    for strict, order in itertools.product((True, False), _candidate_orders(key)):
+        ends: dict[int, float] = {}
+
+        def fits(s: int, o: list[int] = order, ends: dict = ends) -> list[int] | None:
+            offsets, ends[s] = _walk(key, o, s, align)
+            return offsets if ends[s] <= s * W else None
+
+        def hint(s: int, ends: dict = ends) -> int:  # the S that the failed walk's length asks for
+            return _round_up(-(-ends[s] // W), align) if ends[s] < math.inf else 2 * s
+
+        found = _search(fits, key, W, align, best and best[0], hint=hint, strict=strict)
         if found is not None:
             best = (found[0], order)
     S, order = best
@@ -287,28 +321,58 @@ def _groupings(classes: list[int], max_buffers: int):
 def plan_buffers(tensors: Sequence[TensorSpec], world_size: int, align: int = 1, max_buffers: int = 1) -> Plan:
     """Split ``tensors`` into at most ``max_buffers`` buffers by granule, minimizing total padding.
 
-    Ties go to fewer buffers (fewer collectives). Tensors of one granule stay together; with more granule
-    classes than can be enumerated, classes are merged by size first.
+    Ties go to fewer buffers (fewer collectives). Every grouping of granule classes is tried (classes beyond
+    seven are merged by size first), then single large tensors move between buffers while that helps.
     """
     _check(world_size, align)
     if not isinstance(max_buffers, int) or max_buffers < 1:
         raise ValueError(f"max_buffers must be a positive int, got {max_buffers!r}")
+    key = tuple((t.numel, t.cuts) for t in tensors)
+    layouts = []
+    for members in _best_grouping(key, world_size, align, max_buffers):
+        lay = plan_unit([tensors[i] for i in members], world_size, align)
+        layouts.append(Layout(lay.world_size, lay.shard_size, lay.slots, members))
+    return Plan(tuple(layouts))
+
+
+@functools.lru_cache(maxsize=1024)
+def _best_grouping(key: _Key, W: int, align: int, max_buffers: int) -> tuple[tuple[int, ...], ...]:
+    def cost(groups: list[list[int]]) -> tuple[int, int]:
+        padding = 0
+        for members in groups:
+            sub = tuple(key[i] for i in members)
+            padding += _plan_key(sub, W, align)[0] * W - sum(n for n, _ in sub)
+        return padding, len(groups)
+
     by_class: dict[Cuts, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_class.setdefault(t.cuts, []).append(i)
+    for i, (_, cuts) in enumerate(key):
+        by_class.setdefault(cuts, []).append(i)
     classes = list(by_class.values())
     if len(classes) > 7:  # keep the 6 largest classes apart, merge the rest into one
-        classes.sort(key=lambda idx: -sum(tensors[i].numel for i in idx))
+        classes.sort(key=lambda idx: -sum(key[i][0] for i in idx))
         classes = classes[:6] + [sorted(i for c in classes[6:] for i in c)]
-    best: tuple[int, int, Plan] | None = None
+    best_groups, best = None, None
     for grouping in _groupings(list(range(len(classes))), max_buffers):
-        layouts = []
-        for block in grouping:
-            members = sorted(i for c in block for i in classes[c])
-            lay = plan_unit([tensors[i] for i in members], world_size, align)
-            layouts.append(Layout(lay.world_size, lay.shard_size, lay.slots, tuple(members)))
-        plan = Plan(tuple(sorted(layouts, key=lambda b: b.tensor_indices[0] if b.tensor_indices else 0)))
-        score = (plan.padding, plan.collectives)
-        if best is None or score < best[:2]:
-            best = (*score, plan)
-    return best[2]
+        groups = [sorted(i for c in block for i in classes[c]) for block in grouping]
+        score = cost(groups)
+        if best is None or score < best:
+            best_groups, best = groups, score
+    # Then move single large tensors between buffers (a tensor with a coarse granule can share a buffer
+    # with tensors of another granule when that buffer's S suits both).
+    movable = sorted(range(len(key)), key=lambda i: -key[i][0])[:MOVABLE_TENSORS]
+    improved = best[0] > 0
+    while improved:
+        improved = False
+        for i, dst in itertools.product(movable, range(max_buffers)):
+            src = next(g for g, members in enumerate(best_groups) if i in members)
+            if dst == src or dst > len(best_groups) or (dst == len(best_groups) and len(best_groups[src]) == 1):
+                continue
+            trial = [list(m) for m in best_groups] + ([[]] if dst == len(best_groups) else [])
+            trial[src].remove(i)
+            trial[dst] = sorted([*trial[dst], i])
+            trial = [m for m in trial if m]
+            score = cost(trial)
+            if score < best:
+                best_groups, best, improved = trial, score, True
+                break
+    return tuple(tuple(m) for m in sorted(best_groups))
