@@ -82,16 +82,16 @@ def _place(numel: int, cuts: Cuts, cursor: int, S: int, capacity: int, align: in
     return off if off + numel <= capacity else None
 
 
-def _walk(key: _Key, order: Sequence[int], S: int, align: int) -> tuple[list[int], float]:
-    """Earliest offsets in ``order`` with shard size S and unlimited room, and where the last one ends.
+def _walk(key: _Key, order: Sequence[int], S: int, W: int, align: int) -> tuple[list[int], float]:
+    """Earliest offsets in ``order`` with shard size S and twice the room, and where the last one ends.
 
     Placement never depends on the room left, so one walk answers both "does it fit in W*S?" and "by
     how much does it miss?".
     """
-    cursor, offsets = 0, [0] * len(key)
+    cursor, offsets, limit = 0, [0] * len(key), 2 * S * W  # past twice the room the answer is "far"
     for i in order:
         numel, cuts = key[i]
-        off = _place(numel, cuts, cursor, S, math.inf, align)
+        off = _place(numel, cuts, cursor, S, limit, align)
         if off is None:
             return offsets, math.inf
         offsets[i], cursor = off, off + numel
@@ -99,7 +99,7 @@ def _walk(key: _Key, order: Sequence[int], S: int, align: int) -> tuple[list[int
 
 
 def _offsets_in_order(key: _Key, order: Sequence[int], S: int, W: int, align: int) -> list[int] | None:
-    offsets, end = _walk(key, order, S, align)
+    offsets, end = _walk(key, order, S, W, align)
     return offsets if end <= S * W else None
 
 
@@ -216,7 +216,7 @@ def _plan_key(key: _Key, W: int, align: int) -> tuple[int, tuple[int, ...]]:
         ends: dict[int, float] = {}
 
         def fits(s: int, o: list[int] = order, ends: dict = ends) -> list[int] | None:
-            offsets, ends[s] = _walk(key, o, s, align)
+            offsets, ends[s] = _walk(key, o, s, W, align)
             return offsets if ends[s] <= s * W else None
 
         def hint(s: int, ends: dict = ends) -> int:  # the S that the failed walk's length asks for

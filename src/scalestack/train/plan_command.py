@@ -145,6 +145,7 @@ def plot(model: ModelShapes, sweep: dict, args: argparse.Namespace) -> None:
         ax.plot(worlds, ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("world size W")
     ax.set_ylabel("padding, % of parameters")
     ax.set_title(f"{model.name}, granularity {args.granularity}, max {args.max_buffers} buffer(s) per unit")
