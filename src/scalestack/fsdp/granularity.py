@@ -9,6 +9,7 @@ at every expert, so when ``out % k != 0`` the allowed cuts are the block starts 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,11 @@ class Cuts:
         """Whether two window boundaries S apart can both be allowed cuts of this tensor."""
         if len(self.offsets) == 1:
             return S % self.period == 0
-        return any((a + S - b) % self.period == 0 for a in self.offsets for b in self.offsets)
+        return S % self.period in self._steps
+
+    @functools.cached_property
+    def _steps(self) -> frozenset[int]:
+        return frozenset((b - a) % self.period for a in self.offsets for b in self.offsets)
 
     @property
     def largest_granule(self) -> int:

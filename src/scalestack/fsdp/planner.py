@@ -28,6 +28,7 @@ from .layout import Layout, TensorSlot, TensorSpec
 
 EXACT_TENSORS = 9  # subset DP up to 2^9 states per S
 LOCAL_SEARCH_TENSORS = 48  # single-move local search on units up to this size
+LOCAL_SEARCH_MOVES = 48  # trial searches the local search may spend on one unit
 LINEAR_SCAN_STEPS = 256  # then gallop + bisect (feasibility is nearly monotone in S)
 MOVABLE_TENSORS = 12  # the largest tensors of a unit that the multi-buffer search moves one by one
 
@@ -146,7 +147,9 @@ def _grid(S: int, key: _Key, align: int, strict: bool = False) -> int:
     while True:
         step, reach = align, S if strict else 2 * S
         for n, c in key:
-            if n > reach and len(c.offsets) == 1:
+            # uniform cuts: required; blocks that restart per expert: sufficient (every boundary then
+            # falls on the same residue), and the only practical choice once a tensor spans many windows
+            if n > reach and (len(c.offsets) == 1 or strict):
                 step = math.lcm(step, c.period)
         nxt = _round_up(S, step)
         if nxt == S:
@@ -227,28 +230,30 @@ def _plan_key(key: _Key, W: int, align: int) -> tuple[int, tuple[int, ...]]:
             best = (found[0], order)
     S, order = best
     if len(key) <= LOCAL_SEARCH_TENSORS and _lower_bound(key, W, align) < S:
-        order = _improve(key, order, S, W, align)
-        S = _search(lambda s: _offsets_in_order(key, order, s, W, align), key, W, align)[0]
+        order, S = _improve(key, order, S, W, align)
     offsets = _offsets_in_order(key, model_order, S, W, align) or _offsets_in_order(key, order, S, W, align)
     return S, tuple(offsets)
 
 
-def _improve(key: _Key, order: list[int], S: int, W: int, align: int) -> list[int]:
-    """Single-tensor moves that let the order fit a smaller S on the grid, repeated while they help."""
-    while True:
-        target = _grid(_lower_bound(key, W, align), key, align)
-        if target >= S:
-            return order
+def _improve(key: _Key, order: list[int], S: int, W: int, align: int) -> tuple[list[int], int]:
+    """Single-tensor moves that let the order fit a smaller S on the grid, while they help and the budget
+    of ``LOCAL_SEARCH_MOVES`` trial searches lasts."""
+    budget = LOCAL_SEARCH_MOVES
+    target = _grid(_lower_bound(key, W, align), key, align)
+    improved = True
+    while improved and target < S and budget > 0:
         improved = False
         for i, j in itertools.permutations(range(len(order)), 2):
+            budget -= 1
+            if budget < 0:
+                break
             trial = order[:i] + order[i + 1 :]
             trial.insert(j, order[i])
-            found = _search(lambda s, t=trial: _offsets_in_order(key, t, s, W, align), key, W, align, S)
+            found = _search(lambda s, t=trial: _offsets_in_order(key, t, s, W, align), key, W, align, S, strict=True)
             if found is not None:
                 order, S, improved = trial, found[0], True
                 break
-        if not improved:
-            return order
+    return order, S
 
 
 def plan_unit(tensors: Sequence[TensorSpec], world_size: int, align: int = 1) -> Layout:
