@@ -66,35 +66,32 @@ class _Iteration:
 
     states: list[FSDPState]
     state: TrainingState = TrainingState.IDLE
-    forward_order: list[FSDPState] = field(default_factory=list)
-    post_forward_order: list[FSDPState] = field(default_factory=list)
-    last_forward_order: list[FSDPState] = field(default_factory=list)
+    # insertion-ordered sets (states hash by identity): the hooks add to them on every forward
+    forward_order: dict[FSDPState, None] = field(default_factory=dict)
+    post_forward_order: dict[FSDPState, None] = field(default_factory=dict)
     in_flight: list[ShardedUnit] = field(default_factory=list)
+    _forward_next: dict[FSDPState, FSDPState] = field(default_factory=dict)  # from the previous step
+    _backward_next: dict[FSDPState, FSDPState] = field(default_factory=dict)  # reverse post-forward order
 
     def begin_forward(self) -> None:
         if self.state is TrainingState.BACKWARD:  # a backward that never reached its end
             self.end_backward()
         if self.forward_order:
-            self.last_forward_order = self.forward_order
-        self.forward_order, self.post_forward_order = [], []
+            self._forward_next = _successors(list(self.forward_order))
+        self.forward_order, self.post_forward_order = {}, {}
         self.state = TrainingState.FORWARD
-
-    @staticmethod
-    def _next(order: list[FSDPState], state: FSDPState) -> list[FSDPState]:
-        for i, s in enumerate(order):
-            if s is state:
-                return order[i + 1 : i + 2]
-        return []
 
     def forward_prefetch_targets(self, state: FSDPState) -> list[FSDPState]:
         if state.forward_prefetch is not None:
             return state.forward_prefetch
-        return self._next(self.last_forward_order, state)
+        nxt = self._forward_next.get(state)
+        return [nxt] if nxt is not None else []
 
     def backward_prefetch_targets(self, state: FSDPState) -> list[FSDPState]:
         if state.backward_prefetch is not None:
             return state.backward_prefetch
-        return self._next(list(reversed(self.post_forward_order)), state)
+        nxt = self._backward_next.get(state)
+        return [nxt] if nxt is not None else []
 
     def on_reduce_issued(self, unit: ShardedUnit) -> None:
         """Keep one reduce-scatter in flight behind the newest: finishing it frees its grad buffer."""
@@ -110,6 +107,7 @@ class _Iteration:
     def begin_backward(self) -> None:
         if self.state is not TrainingState.BACKWARD:
             self.state = TrainingState.BACKWARD
+            self._backward_next = _successors(list(reversed(self.post_forward_order)))
             torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
 
     def end_backward(self) -> None:
@@ -122,6 +120,10 @@ class _Iteration:
             unit.reshard()
         self.in_flight.clear()
         self.state = TrainingState.IDLE
+
+
+def _successors(order: list[FSDPState]) -> dict[FSDPState, FSDPState]:
+    return dict(zip(order, order[1:]))
 
 
 def _state(module: nn.Module) -> FSDPState:
@@ -192,8 +194,7 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     it = state.iteration
     if state.is_root:
         it.begin_forward()
-    if state not in it.forward_order:
-        it.forward_order.append(state)
+    it.forward_order[state] = None
     if state.unit is not None:
         with torch.profiler.record_function("scalestack::pre_forward"):
             state.unit.wait_for_unshard()
@@ -210,8 +211,7 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     state = _state(module)
     it = state.iteration
-    if state not in it.post_forward_order:
-        it.post_forward_order.append(state)
+    it.post_forward_order[state] = None
     if torch.is_grad_enabled():
         tensors = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
         if tensors:

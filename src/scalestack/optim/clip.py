@@ -26,9 +26,11 @@ def clip_grad_norm_(
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm}")
     if norm_type <= 0 or math.isnan(norm_type):
         raise ValueError(f"norm_type must be positive (or inf), got {norm_type}")
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sharded = [p.grad for p in model.parameters() if p.grad is not None and hasattr(p, _OWNER)]
-    replicated = [p.grad for p in model.parameters() if p.grad is not None and not hasattr(p, _OWNER)]
+    sharded, replicated = [], []
+    for p in model.parameters():
+        if p.grad is not None:
+            (sharded if hasattr(p, _OWNER) else replicated).append(p.grad)
+    grads = sharded + replicated
     all_units = units(model)
     device = grads[0].device if grads else (all_units[0].shard_buffer.device if all_units else torch.device("cpu"))
     inf = math.isinf(norm_type)
