@@ -24,6 +24,28 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
 
+class KVCache:
+    """Keys and values of every layer for a batch of sequences decoded together.
+
+    Preallocated to ``max_len`` positions so shapes stay fixed while decoding; ``reorder`` picks (and may
+    repeat) batch rows, which is how beam search follows the beams it keeps.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        if max_len > cfg.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {cfg.block_size}")
+        shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.length = 0
+        self.max_len = max_len
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (a row may appear several times: beams of one prompt)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -31,11 +53,23 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.keys[layer][:, :, :T] = k
+                cache.values[layer][:, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = cache.length + T
+            cache.keys[layer][:, :, cache.length : end] = k
+            cache.values[layer][:, :, cache.length : end] = v
+            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            # query i (absolute position length+i) sees keys 0..length+i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(cache.length) if T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -57,8 +91,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -88,13 +122,24 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (default: block_size)."""
+        p = self.lm_head.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.dtype, p.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits for ``idx`` (or the loss against ``targets``). With ``cache``, ``idx`` continues the cached
+        sequences: its tokens take the next positions and the cache grows by ``idx.shape[1]``."""
         T = idx.shape[1]
-        if self.cfg.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        x = self.wte(idx) + self.wpe(self.positions[:T])
-        for block in self.layers:
-            x = block(x)
+        start = 0 if cache is None else cache.length
+        limit = self.cfg.block_size if cache is None else cache.max_len
+        if start + T > limit:
+            raise ValueError(f"sequence length {start + T} exceeds the limit {limit} (block_size or cache max_len)")
+        x = self.wte(idx) + self.wpe(self.positions[start : start + T])
+        for i, block in enumerate(self.layers):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

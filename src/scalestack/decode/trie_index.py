@@ -1,0 +1,343 @@
+"""A prefix trie of allowed IDs, flattened so that one decoding step is a fixed-shape gather.
+
+STATIC ("Vectorizing the Trie", arXiv 2602.22647): dense tables for the first ``dense_levels`` levels, a
+CSR transition table for the deeper ones. Two changes from the paper make it smaller and cheaper:
+
+* Nodes of each depth are numbered in lexicographic order, so the children of a node are one contiguous
+  run of the next depth's ids, in the same order as its CSR edges. The next state of an edge is therefore
+  its own position: the CSR stores only tokens (int16 when the vocabulary allows), no (token, next) pairs.
+* A level where every node has exactly one child (deep levels of sparse ID sets) stores no row pointers.
+
+A beam's state at depth ``k`` is a node id of that depth. For the dense levels (``k < dense_levels``) it is
+the prefix code ``t0*V^(k-1) + ... + t(k-1)`` (0 at the root).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "scalestack.TrieIndex/1"
+DENSE_TABLE_LIMIT = 2**31  # entries; V**dense_levels beyond this cannot be indexed with int32 states
+PROGRESS_MIN_IDS = 1_000_000
+
+
+@dataclass
+class LevelCandidates:
+    """What one beam may emit next: ``tokens[n, K]`` (codes), ``valid[n, K]`` and ``next_state[n, K]``."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    next_state: torch.Tensor
+
+
+class TrieIndex:
+    """Allowed IDs of ``length`` tokens from a vocabulary of ``vocab_size`` codes; see the module docstring.
+
+    Build with :meth:`build`, persist with :meth:`save` / :meth:`load` (one file, memory-mapped on load).
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        length: int,
+        dense_levels: int,
+        num_ids: int,
+        dense_masks: list[torch.Tensor],
+        dense_states: torch.Tensor | None,
+        indptr: list[torch.Tensor | None],
+        tokens: list[torch.Tensor],
+        level_sizes: list[int],
+        max_branches: list[int],
+    ):
+        self.vocab_size = vocab_size
+        self.length = length
+        self.dense_levels = dense_levels
+        self.num_ids = num_ids
+        self.dense_masks = dense_masks  # level l < dense_levels-1: bool[V**(l+1)], prefix code -> allowed
+        self.dense_states = dense_states  # int32[V**dense_levels]: prefix code -> node id at that depth, -1 if none
+        self.indptr = indptr  # CSR level k (depth k -> k+1): int32/int64[n_k + 1], None when every node has 1 child
+        self.tokens = tokens  # CSR level k: int16/int32[n_{k+1} + max_branches[k]], padded with vocab_size
+        self.level_sizes = level_sizes  # n_k: nodes at depth k, k = 0..length
+        self.max_branches = max_branches  # per level: the largest number of children of one node
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        ids: torch.Tensor,
+        vocab_size: int,
+        dense_levels: int = 2,
+        *,
+        progress: bool | None = None,
+    ) -> TrieIndex:
+        """Index the rows of ``ids`` (``LongTensor[N, L]``, codes in ``[0, vocab_size)``).
+
+        Rows are sorted and deduplicated; everything is vectorized over rows (the only Python loops run
+        over levels). ``progress=None`` shows a bar for at least a million IDs on a terminal.
+        """
+        ids, vocab_size, dense_levels = _check_build_args(ids, vocab_size, dense_levels)
+        n_rows, length = ids.shape
+        if progress is None:
+            progress = n_rows >= PROGRESS_MIN_IDS and sys.stderr.isatty()
+        with _Progress(progress, total=2 + length) as bar:
+            ids = _sort_rows(ids, vocab_size)
+            bar.advance("sorted")
+            first_diff = _first_difference(ids)
+            keep = first_diff < length
+            ids, first_diff = ids[keep], first_diff[keep]
+            bar.advance("deduplicated")
+            n = ids.shape[0]
+            level_sizes = [1]
+            prev_node = torch.zeros(n, dtype=torch.int64)  # node id at depth k of each row's prefix
+            dense_masks: list[torch.Tensor] = []
+            dense_states = None
+            indptr: list[torch.Tensor | None] = []
+            tokens: list[torch.Tensor] = []
+            max_branches: list[int] = []
+            code = torch.zeros(n, dtype=torch.int64)
+            token_dtype = torch.int16 if vocab_size < 2**15 else torch.int32
+            for k in range(length):
+                starts = first_diff <= k  # rows that open a new node at depth k+1
+                node = torch.cumsum(starts, 0) - 1
+                n_next = int(node[-1]) + 1
+                parents = prev_node[starts]
+                branching = torch.bincount(parents, minlength=level_sizes[k])
+                max_branches.append(int(branching.max()))
+                if k < dense_levels:
+                    code = code * vocab_size + ids[:, k]
+                if k < dense_levels - 1:
+                    mask = torch.zeros(vocab_size ** (k + 1), dtype=torch.bool)
+                    mask[code[starts]] = True
+                    dense_masks.append(mask)
+                elif k == dense_levels - 1:
+                    dense_states = torch.full((vocab_size**dense_levels,), -1, dtype=torch.int32)
+                    dense_states[code[starts]] = node[starts].to(torch.int32)
+                else:
+                    ptr_dtype = torch.int32 if n_next < 2**31 else torch.int64
+                    if n_next == level_sizes[k]:
+                        indptr.append(None)
+                    else:
+                        ptr = torch.zeros(level_sizes[k] + 1, dtype=ptr_dtype)
+                        ptr[1:] = torch.cumsum(branching, 0)
+                        indptr.append(ptr)
+                    pad = torch.full((max_branches[k],), vocab_size, dtype=token_dtype)
+                    tokens.append(torch.cat([ids[starts, k].to(token_dtype), pad]))
+                level_sizes.append(n_next)
+                prev_node = node
+                bar.advance(f"level {k + 1}/{length}")
+        return cls(
+            vocab_size=vocab_size,
+            length=length,
+            dense_levels=dense_levels,
+            num_ids=n,
+            dense_masks=dense_masks,
+            dense_states=dense_states,
+            indptr=indptr,
+            tokens=tokens,
+            level_sizes=level_sizes,
+            max_branches=max_branches,
+        )
+
+    # ------------------------------------------------------------------ size and persistence
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index's tensors."""
+        return sum(t.nbytes for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [*self.dense_masks, *self.tokens, *(p for p in self.indptr if p is not None)]
+        return out + ([self.dense_states] if self.dense_states is not None else [])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to one file that :meth:`load` memory-maps."""
+        torch.save(
+            {
+                "format": FORMAT,
+                "vocab_size": self.vocab_size,
+                "length": self.length,
+                "dense_levels": self.dense_levels,
+                "num_ids": self.num_ids,
+                "dense_masks": self.dense_masks,
+                "dense_states": self.dense_states,
+                "indptr": self.indptr,
+                "tokens": self.tokens,
+                "level_sizes": self.level_sizes,
+                "max_branches": self.max_branches,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> TrieIndex:
+        """Read an index written by :meth:`save`; with ``mmap`` its tables stay on disk until touched."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trie index at {path}")
+        try:
+            data = torch.load(path, mmap=mmap, weights_only=True)
+        except Exception as e:  # torch raises several types for a file that is not a torch archive
+            raise ValueError(f"{path} is not a scalestack TrieIndex file ({e.__class__.__name__}: {e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a scalestack TrieIndex file (expected format {FORMAT!r})")
+        data.pop("format")
+        return cls(**data)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrieIndex(num_ids={self.num_ids}, length={self.length}, vocab_size={self.vocab_size}, "
+            f"dense_levels={self.dense_levels}, max_branches={self.max_branches}, nbytes={self.nbytes})"
+        )
+
+    # ------------------------------------------------------------------ decoding
+    def root_state(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The state of ``n`` empty prefixes."""
+        return torch.zeros(n, dtype=torch.int64, device=device)
+
+    def width(self, level: int) -> int:
+        """Candidates per beam at ``level``: the vocabulary on dense levels, the max branching on CSR ones."""
+        return self.vocab_size if level < self.dense_levels else self.max_branches[level]
+
+    def candidates(self, level: int, state: torch.Tensor) -> LevelCandidates:
+        """The tokens each state may emit at ``level`` and the states they lead to, in fixed shape
+        ``[n, width(level)]``. Gathers only: no host sync, no branch on data."""
+        if not 0 <= level < self.length:
+            raise ValueError(f"level must be in [0, {self.length}), got {level}")
+        V = self.vocab_size
+        if level < self.dense_levels:
+            slots = torch.arange(V, device=state.device)
+            codes = state.unsqueeze(1) * V + slots
+            if level < self.dense_levels - 1:
+                valid = self.dense_masks[level][codes]
+                next_state = codes
+            else:
+                nxt = self.dense_states[codes].long()
+                valid = nxt >= 0
+                next_state = nxt.clamp_min(0)
+            return LevelCandidates(slots.expand_as(codes), valid, next_state)
+        k = level - self.dense_levels
+        width = self.max_branches[level]
+        slots = torch.arange(width, device=state.device)
+        ptr = self.indptr[k]
+        if ptr is None:
+            start = state
+            count = torch.ones_like(state)
+        else:
+            start = ptr[state].long()
+            count = ptr[state + 1].long() - start
+        edges = start.unsqueeze(1) + slots
+        valid = slots < count.unsqueeze(1)
+        tokens = self.tokens[k][edges].long()
+        return LevelCandidates(tokens, valid, torch.where(valid, edges, 0))
+
+    def walk(self, prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """States reached by ``prefixes[n, l]`` and whether each prefix is in the trie (``found[n]``)."""
+        if prefixes.dim() != 2 or prefixes.shape[1] > self.length:
+            raise ValueError(f"prefixes must be [n, l] with l <= {self.length}, got shape {tuple(prefixes.shape)}")
+        state = self.root_state(prefixes.shape[0], prefixes.device)
+        found = torch.ones(prefixes.shape[0], dtype=torch.bool, device=prefixes.device)
+        for level in range(prefixes.shape[1]):
+            token = prefixes[:, level].long()
+            cand = self.candidates(level, state)
+            match = (cand.tokens == token.unsqueeze(1)) & cand.valid
+            found &= match.any(1)
+            state = torch.where(found, cand.next_state.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), 0)
+        return state, found
+
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        """``bool[n]``: which rows of ``ids[n, length]`` are allowed IDs."""
+        if ids.dim() != 2 or ids.shape[1] != self.length:
+            raise ValueError(f"ids must be [n, {self.length}], got shape {tuple(ids.shape)}")
+        in_range = ((ids >= 0) & (ids < self.vocab_size)).all(1)
+        return self.walk(ids.clamp(0, self.vocab_size - 1))[1] & in_range
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_build_args(ids: torch.Tensor, vocab_size: int, dense_levels: int) -> tuple[torch.Tensor, int, int]:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a LongTensor [N, L], got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"ids must be a 2-D tensor [N, L] with L >= 1, got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must hold integer codes, got dtype {ids.dtype}")
+    if ids.shape[0] == 0:
+        raise ValueError("the constraint set is empty: pass at least one allowed ID (an empty set allows nothing)")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    length = ids.shape[1]
+    if not isinstance(dense_levels, int) or not 0 <= dense_levels <= length:
+        raise ValueError(f"dense_levels must be an int in [0, {length}] (the ID length), got {dense_levels!r}")
+    if vocab_size**dense_levels > DENSE_TABLE_LIMIT:
+        raise ValueError(
+            f"dense_levels={dense_levels} needs a table of vocab_size**{dense_levels} = {vocab_size**dense_levels} "
+            f"entries (limit {DENSE_TABLE_LIMIT}); use fewer dense levels"
+        )
+    ids = ids.detach().cpu()
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        row = int(((ids == bad).any(1)).nonzero()[0])
+        raise ValueError(
+            f"ID codes must lie in [0, vocab_size={vocab_size}); row {row} holds {bad}. Map model tokens to "
+            "per-level codes first, or raise vocab_size"
+        )
+    return ids.to(torch.int32 if vocab_size < 2**31 else torch.int64), vocab_size, dense_levels
+
+
+def _sort_rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Lexicographic row order: stable sorts on int64 keys packing as many columns as fit, last group first."""
+    bits = max(1, (vocab_size - 1).bit_length())
+    per_key = max(1, 63 // bits)
+    order = torch.arange(ids.shape[0])
+    length = ids.shape[1]
+    for hi in range(length, 0, -per_key):
+        lo = max(0, hi - per_key)
+        key = torch.zeros(ids.shape[0], dtype=torch.int64)
+        for c in range(lo, hi):
+            key = (key << bits) | ids[order, c].long()
+        perm = torch.sort(key, stable=True).indices
+        order = order[perm]
+    return ids[order]
+
+
+def _first_difference(ids: torch.Tensor) -> torch.Tensor:
+    """For each sorted row, the first column where it differs from the previous row (L for a duplicate)."""
+    n, length = ids.shape
+    out = torch.zeros(n, dtype=torch.int64)
+    if n > 1:
+        differs = ids[1:] != ids[:-1]
+        first = differs.to(torch.uint8).argmax(1)
+        out[1:] = torch.where(differs.any(1), first, length)
+    return out
+
+
+class _Progress:
+    """A rich progress bar over build stages when asked for and rich is installed; silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            try:
+                from rich.progress import Progress
+            except ImportError:
+                return
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task("building trie index", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"building trie index: {what}")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
