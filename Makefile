@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo retrieval-demo bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: setup
 
 demo: setup
 	$(BIN)/torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo
+
+# Train a generative retriever with scalestack FSDP (2 ranks), then serve it under two allowed sets.
+retrieval-demo: setup
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 -m scalestack.train.retrieval_demo --out runs/retrieval
+	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/fresh.ids
+	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/items.ids
 
 bench: setup
 	$(BIN)/torchrun --standalone --nproc_per_node=2 benchmarks/step.py

@@ -85,16 +85,21 @@ def beam_step(
     """
     batch, m = scores.shape
     width = cand.tokens.shape[1]
-    cand_lp = logprobs.gather(1, cand.tokens.clamp(max=vocab_size - 1))
-    ok = (cand.valid & alive.reshape(-1, 1)).view(batch, m * width)
-    total = (scores.reshape(-1, 1) + cand_lp).view(batch, m * width)
-    tokens, states = cand.tokens.reshape(batch, m * width), cand.next_state.reshape(batch, m * width)
-    if m * width < beams:  # fewer candidates than beams: pad (only at the first levels of tiny indexes)
-        pad = beams - m * width
-        total = torch.nn.functional.pad(total, (0, pad), value=float("-inf"))
-        ok, tokens, states = (torch.nn.functional.pad(t, (0, pad)) for t in (ok, tokens, states))
+    lowest = torch.finfo(logprobs.dtype).min
+    total = scores.reshape(-1, 1) + logprobs.gather(1, cand.tokens.clamp(max=vocab_size - 1))
+    ok = cand.valid & alive.reshape(-1, 1)
     # Rank allowed candidates above disallowed ones even where the model gives an allowed one -inf.
-    key = torch.where(ok, total.clamp(min=torch.finfo(total.dtype).min), float("-inf"))
+    key = torch.where(ok, total.clamp(min=lowest), float("-inf"))
+    tokens, states = cand.tokens, cand.next_state
+    if width > beams:  # no beam contributes more than `beams` survivors: cut each row first (exact)
+        keep = key.topk(beams, dim=1).indices
+        key, total, ok, tokens, states = (t.gather(1, keep) for t in (key, total, ok, tokens, states))
+        width = beams
+    key, total, ok, tokens, states = (t.reshape(batch, m * width) for t in (key, total, ok, tokens, states))
+    if m * width < beams:  # fewer candidates than beams: pad (only at the first levels of tiny indexes)
+        pad = (0, beams - m * width)
+        key, total = (torch.nn.functional.pad(t, pad, value=float("-inf")) for t in (key, total))
+        ok, tokens, states = (torch.nn.functional.pad(t, pad) for t in (ok, tokens, states))
     top = key.topk(beams, dim=1).indices
     top_ok = ok.gather(1, top)
     return (

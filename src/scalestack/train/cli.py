@@ -6,17 +6,18 @@ import argparse
 import sys
 
 from ..models.configs import ConfigError
-from . import plan_command
+from . import plan_command, retrieve_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scalestack", description="scalestack: ragged, structure-aware FSDP")
     sub = parser.add_subparsers(dest="command", required=True)
     plan_command.add_parser(sub)
+    retrieve_command.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, argparse.ArgumentTypeError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:
         print(f"scalestack {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,134 @@
+"""A seeded synthetic generative-retrieval task: text queries -> semantic IDs of catalogue items.
+
+Each item has a semantic ID of ``levels`` codes (category, subcategory, variant: the coarse-to-fine codes an
+RQ-VAE would give) and an age in days. A query names the item's codes with one of two synonyms per code, in
+random order; a *broad* query leaves the variant out, so several items answer it. "Fresh" items (age at
+most ``fresh_days``) are the business rule the server enforces with a trie index.
+
+Files (all plain text): ``items.ids`` and ``fresh.ids`` (one ID per line, codes separated by spaces),
+``items.tsv`` (ID, age, name), ``queries.tsv`` (query, target ID).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<bos>", "<sep>", "<none>"]
+LEVEL_NAMES = ("cat", "sub", "var")
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """The catalogue and the vocabulary; the same seed gives the same task on every rank and machine."""
+
+    seed: int = 0
+    codes: int = 16
+    levels: int = 3
+    items: int = 1200
+    fresh_days: int = 7
+    max_age: int = 30
+
+    def __post_init__(self) -> None:
+        if self.levels != len(LEVEL_NAMES):
+            raise ValueError(f"the synthetic task has {len(LEVEL_NAMES)} levels, got {self.levels}")
+        if not 1 <= self.items <= self.codes**self.levels:
+            raise ValueError(f"items must be in [1, codes**levels = {self.codes**self.levels}], got {self.items}")
+
+    # ------------------------------------------------------------------ catalogue
+    def catalogue(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids[items, levels]`` (distinct, sorted) and ``age[items]`` in days."""
+        g = torch.Generator().manual_seed(self.seed)
+        flat = torch.randperm(self.codes**self.levels, generator=g)[: self.items].sort().values
+        ids = torch.stack([(flat // self.codes ** (self.levels - 1 - lv)) % self.codes for lv in range(self.levels)], 1)
+        age = torch.randint(0, self.max_age + 1, (self.items,), generator=g)
+        return ids, age
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def words(self) -> list[str]:
+        """Query words: two synonyms per (level, code), e.g. ``cat3`` and ``cat3b``."""
+        return [f"{name}{c}{syn}" for name in LEVEL_NAMES for c in range(self.codes) for syn in ("", "b")]
+
+    @property
+    def vocab(self) -> list[str]:
+        """Model tokens: specials, query words, then one token per (level, code) of the semantic ID."""
+        sid = [f"<{name}:{c}>" for name in LEVEL_NAMES for c in range(self.codes)]
+        return SPECIALS + self.words + sid
+
+    @property
+    def token_map(self) -> torch.Tensor:
+        """``[levels, codes]``: the model token of each code at each level."""
+        first = len(SPECIALS) + len(self.words)
+        return first + torch.arange(self.levels * self.codes).view(self.levels, self.codes)
+
+    @property
+    def query_len(self) -> int:
+        return self.levels
+
+    # ------------------------------------------------------------------ queries
+    def queries(self, n: int, generator: torch.Generator, broad: float = 0.3) -> tuple[list[list[str]], torch.Tensor]:
+        """``n`` random queries (word lists) and their target IDs; a share ``broad`` omits the variant."""
+        ids, _ = self.catalogue()
+        pick = torch.randint(0, self.items, (n,), generator=generator)
+        syn = torch.randint(0, 2, (n, self.levels), generator=generator)
+        is_broad = torch.rand(n, generator=generator) < broad
+        orders = torch.argsort(torch.rand(n, self.levels, generator=generator), 1)
+        out = []
+        for i in range(n):
+            words = [
+                f"{LEVEL_NAMES[lv]}{int(ids[pick[i], lv])}{'b' if syn[i, lv] else ''}" for lv in range(self.levels)
+            ]
+            if is_broad[i]:
+                words[-1] = "<none>"
+            out.append([words[j] for j in orders[i].tolist()])
+        return out, ids[pick]
+
+    def encode(self, queries: list[list[str]]) -> torch.Tensor:
+        """Prompts ``[n, query_len + 2]``: ``<bos> words... <sep>``; unknown words raise a clear error."""
+        stoi = {w: i for i, w in enumerate(self.vocab)}
+        rows = []
+        for q in queries:
+            if len(q) > self.query_len or not q:
+                raise ValueError(f"a query has 1..{self.query_len} words, got {len(q)}: {' '.join(q)!r}")
+            unknown = [w for w in q if w not in stoi or w in ("<pad>", "<bos>", "<sep>")]
+            if unknown:
+                raise ValueError(f"unknown query words {unknown}; words look like cat3, sub7b, var0 (see the vocab)")
+            padded = q + ["<none>"] * (self.query_len - len(q))
+            rows.append([stoi["<bos>"], *(stoi[w] for w in padded), stoi["<sep>"]])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def sequences(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training rows: inputs ``prompt + ID[:-1]`` and targets (-100 except on the ID's tokens)."""
+        queries, target = self.queries(n, generator)
+        prompts = self.encode(queries)
+        sid = self.token_map[torch.arange(self.levels), target]
+        x = torch.cat([prompts, sid[:, :-1]], 1)
+        y = torch.full_like(x, -100)
+        y[:, prompts.shape[1] - 1 :] = sid
+        return x, y
+
+
+def write_ids(path: str | os.PathLike, ids: torch.Tensor) -> None:
+    """One ID per line, codes separated by spaces."""
+    Path(path).write_text("".join(" ".join(map(str, row)) + "\n" for row in ids.tolist()))
+
+
+def write_task_files(task: RetrievalTask, out: str | os.PathLike, eval_queries: int = 200) -> Path:
+    """Write the catalogue, the fresh subset and held-out queries under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, age = task.catalogue()
+    write_ids(out / "items.ids", ids)
+    write_ids(out / "fresh.ids", ids[age <= task.fresh_days])
+    lines = ["id\tage_days\tname"]
+    for row, a in zip(ids.tolist(), age.tolist()):
+        lines.append(" ".join(map(str, row)) + f"\t{a}\t" + "-".join(f"{n}{c}" for n, c in zip(LEVEL_NAMES, row)))
+    (out / "items.tsv").write_text("\n".join(lines) + "\n")
+    queries, target = task.queries(eval_queries, torch.Generator().manual_seed(task.seed + 10**6), broad=0.0)
+    rows = [" ".join(q) + "\t" + " ".join(map(str, t)) for q, t in zip(queries, target.tolist())]
+    (out / "queries.tsv").write_text("query\ttarget\n" + "\n".join(rows) + "\n")
+    return out
