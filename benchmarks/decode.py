@@ -38,7 +38,7 @@ def rss_bytes() -> int:
 def dense(mask: torch.Tensor) -> LevelCandidates:
     n, vocab = mask.shape
     tokens = torch.arange(vocab).expand(n, vocab)
-    return LevelCandidates(tokens, mask, torch.zeros_like(tokens))
+    return LevelCandidates(tokens, mask, torch.zeros_like(tokens), dense=True)
 
 
 class TrieMethod:
@@ -200,7 +200,9 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=70)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default="trie,dict,bsearch,hash,free")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     classes = {
         "trie": TrieMethod,
         "dict": DictTrieMethod,

@@ -85,30 +85,19 @@ def beam_step(
     """
     batch, m = scores.shape
     width = cand.tokens.shape[1]
-    lowest = torch.finfo(logprobs.dtype).min
-    total = scores.reshape(-1, 1) + logprobs.gather(1, cand.tokens.clamp(max=vocab_size - 1))
-    ok = cand.valid & alive.reshape(-1, 1)
-    # Rank allowed candidates above disallowed ones even where the model gives an allowed one -inf.
-    key = torch.where(ok, total.clamp(min=lowest), float("-inf"))
-    tokens, states = cand.tokens, cand.next_state
-    if width > beams:  # no beam contributes more than `beams` survivors: cut each row first (exact)
-        keep = key.topk(beams, dim=1).indices
-        key, total, ok, tokens, states = (t.gather(1, keep) for t in (key, total, ok, tokens, states))
-        width = beams
-    key, total, ok, tokens, states = (t.reshape(batch, m * width) for t in (key, total, ok, tokens, states))
-    if m * width < beams:  # fewer candidates than beams: pad (only at the first levels of tiny indexes)
-        pad = (0, beams - m * width)
-        key, total = (torch.nn.functional.pad(t, pad, value=float("-inf")) for t in (key, total))
-        ok, tokens, states = (torch.nn.functional.pad(t, pad) for t in (ok, tokens, states))
-    top = key.topk(beams, dim=1).indices
-    top_ok = ok.gather(1, top)
-    return (
-        torch.where(top_ok, total.gather(1, top), float("-inf")),
-        (top // width).clamp(max=m - 1),
-        tokens.gather(1, top),
-        states.gather(1, top),
-        top_ok,
-    )
+    lp = logprobs if cand.dense else logprobs.gather(1, cand.tokens.clamp(max=vocab_size - 1))
+    # An allowed code the model rules out (-inf) still ranks above every disallowed one.
+    key = scores.reshape(-1, 1) + lp.clamp(min=torch.finfo(lp.dtype).min)  # dead beams stay -inf
+    key = key.masked_fill_(~cand.valid, float("-inf")).view(batch, m * width)
+    if m * width < beams:  # fewer candidates than beams (first levels of tiny indexes): pad
+        key = torch.nn.functional.pad(key, (0, beams - m * width), value=float("-inf"))
+    # One top-k over all beams of a prompt: on CPU this beats a per-beam cut first.
+    top_key, top = key.topk(beams, dim=1)
+    top_ok = top_key > float("-inf")
+    top = top.clamp(max=m * width - 1)  # padding slots are never ok; keep their gathers in bounds
+    token = top % width if cand.dense else cand.tokens.reshape(batch, m * width).gather(1, top).long()
+    state = cand.next_state.reshape(batch, m * width).gather(1, top).long()
+    return top_key, top // width, token, torch.where(top_ok, state, 0), top_ok
 
 
 def _candidates(index: TrieIndex | None, level: int, state: torch.Tensor, vocab_size: int) -> LevelCandidates:
@@ -116,7 +105,7 @@ def _candidates(index: TrieIndex | None, level: int, state: torch.Tensor, vocab_
         return index.candidates(level, state)
     n = state.shape[0]
     tokens = torch.arange(vocab_size, device=state.device).expand(n, vocab_size)
-    return LevelCandidates(tokens, torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens))
+    return LevelCandidates(tokens, torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens), dense=True)
 
 
 def _check_args(

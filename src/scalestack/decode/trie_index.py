@@ -28,11 +28,14 @@ PROGRESS_MIN_IDS = 1_000_000
 
 @dataclass
 class LevelCandidates:
-    """What one beam may emit next: ``tokens[n, K]`` (codes), ``valid[n, K]`` and ``next_state[n, K]``."""
+    """What one beam may emit next: ``tokens[n, K]`` (codes), ``valid[n, K]`` and ``next_state[n, K]``
+    (meaningful where valid). ``dense`` says candidate ``j`` is code ``j`` in every row (``K`` = vocabulary),
+    so a consumer may read log-probs as they are instead of gathering them."""
 
     tokens: torch.Tensor
     valid: torch.Tensor
     next_state: torch.Tensor
+    dense: bool = False
 
 
 class TrieIndex:
@@ -209,17 +212,15 @@ class TrieIndex:
         if not 0 <= level < self.length:
             raise ValueError(f"level must be in [0, {self.length}), got {level}")
         V = self.vocab_size
-        if level < self.dense_levels:
-            slots = torch.arange(V, device=state.device)
-            codes = state.unsqueeze(1) * V + slots
+        if level < self.dense_levels:  # the state is the prefix code: one table row per beam
+            slots = torch.arange(V, device=state.device).expand(state.shape[0], V)
             if level < self.dense_levels - 1:
-                valid = self.dense_masks[level][codes]
-                next_state = codes
+                valid = self.dense_masks[level].view(-1, V).index_select(0, state)
+                next_state = state.unsqueeze(1) * V + slots
             else:
-                nxt = self.dense_states[codes].long()
-                valid = nxt >= 0
-                next_state = nxt.clamp_min(0)
-            return LevelCandidates(slots.expand_as(codes), valid, next_state)
+                next_state = self.dense_states.view(-1, V).index_select(0, state)  # int32, -1: not allowed
+                valid = next_state >= 0
+            return LevelCandidates(slots, valid, next_state, dense=True)
         k = level - self.dense_levels
         width = self.max_branches[level]
         slots = torch.arange(width, device=state.device)
@@ -246,7 +247,8 @@ class TrieIndex:
             cand = self.candidates(level, state)
             match = (cand.tokens == token.unsqueeze(1)) & cand.valid
             found &= match.any(1)
-            state = torch.where(found, cand.next_state.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), 0)
+            nxt = cand.next_state.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1).long()
+            state = torch.where(found, nxt, 0)
         return state, found
 
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
