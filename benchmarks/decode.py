@@ -11,8 +11,10 @@ same top-k selection; only the constraint differs:
 * ``hash bitmap``: a 2^30-bit bitmap of prefix hashes, every (beam, token) probed (false positives possible).
 * ``unconstrained``: no constraint at all, the floor.
 
-Prints, per N: build time, memory (bytes of the structure; for the dict trie the process RSS growth), the
-mean time of one decoding step, the ratio to the trie index, and the share of final beams that are in C.
+Trie index rows: dense_levels=2 (the default) and 1, eager and torch.compile (inductor; its compile time
+is added to the build time). Prints, per N: build time, memory (bytes of the structure; for the dict trie
+the process RSS growth), the mean time of one decoding step, the ratio to the trie index (dense_levels=2,
+eager), and the share of final beams that are in C.
 The dict trie is skipped above 10^6 IDs (tens of GB of Python objects).
 """
 
@@ -24,10 +26,13 @@ import math
 import time
 
 import torch
+import torch._dynamo
 
 from scalestack.decode import LevelCandidates, TrieIndex, beam_step
 
 DICT_TRIE_MAX = 1_000_000
+torch._dynamo.config.cache_size_limit = 64  # a compiled graph per level and per method
+torch._dynamo.config.recompile_limit = 64
 
 
 def rss_bytes() -> int:
@@ -43,10 +48,17 @@ def dense(mask: torch.Tensor) -> LevelCandidates:
 
 class TrieMethod:
     name = "trie index"
+    dense_levels = 2
+    compiled = False
 
     def __init__(self, ids: torch.Tensor, vocab: int):
-        self.index = TrieIndex.build(ids, vocab, dense_levels=2)
+        self.index = TrieIndex.build(ids, vocab, dense_levels=self.dense_levels)
         self.nbytes = self.index.nbytes
+        if self.compiled:  # one graph per level (levels are constants); first calls compile
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False)
+
+    def _step(self, level, scores, alive, logprobs, state, beams, vocab):
+        return beam_step(scores, alive, logprobs, self.index.candidates(level, state), beams, vocab)
 
     def start(self, n: int):
         return self.index.root_state(n)
@@ -56,6 +68,21 @@ class TrieMethod:
 
     def advance(self, state, rows, token, next_state):
         return next_state.flatten()
+
+
+class Trie1Method(TrieMethod):
+    name = "trie index, dense_levels=1"
+    dense_levels = 1
+
+
+class CompiledTrieMethod(TrieMethod):
+    name = "trie index, torch.compile"
+    compiled = True
+
+
+class CompiledTrie1Method(Trie1Method):
+    name = "trie index, dense_levels=1, torch.compile"
+    compiled = True
 
 
 class DictTrieMethod:
@@ -182,9 +209,13 @@ def decode(method, logprobs: list[torch.Tensor], batch: int, beams: int, vocab: 
     ids = torch.zeros(batch, 1, 0, dtype=torch.int64)
     for level, lp in enumerate(logprobs):
         method.level = level
-        cand = method.candidates(level, state)
         m = scores.shape[1]
-        scores, parent, token, nxt, alive = beam_step(scores, alive, lp, cand, beams, vocab)
+        if hasattr(method, "step"):
+            scores, parent, token, nxt, alive = method.step(level, scores, alive, lp, state, beams, vocab)
+        else:
+            scores, parent, token, nxt, alive = beam_step(
+                scores, alive, lp, method.candidates(level, state), beams, vocab
+            )
         rows = (parent + torch.arange(batch).unsqueeze(1) * m).flatten()
         state = method.advance(state, rows, token, nxt)
         ids = torch.cat([ids.gather(1, parent.unsqueeze(-1).expand(-1, -1, ids.shape[2])), token.unsqueeze(-1)], 2)
@@ -199,12 +230,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--beams", type=int, default=70)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--methods", default="trie,dict,bsearch,hash,free")
+    ap.add_argument("--methods", default="trie,trie1,trie-compiled,trie1-compiled,dict,bsearch,hash,free")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     classes = {
         "trie": TrieMethod,
+        "trie1": Trie1Method,
+        "trie-compiled": CompiledTrieMethod,
+        "trie1-compiled": CompiledTrie1Method,
         "dict": DictTrieMethod,
         "bsearch": BinarySearchMethod,
         "hash": HashBitmapMethod,
@@ -234,6 +268,10 @@ def main() -> None:
             t0 = time.perf_counter()
             method = cls(ids, args.vocab)
             build = time.perf_counter() - t0
+            if hasattr(method, "step"):
+                t0 = time.perf_counter()
+                decode(method, logprobs, args.batch, args.beams, args.vocab)  # compiles
+                build += time.perf_counter() - t0
             best = math.inf
             for _ in range(args.repeats):
                 out, step = decode(method, logprobs, args.batch, args.beams, args.vocab)

@@ -285,3 +285,26 @@ def test_hf_generate_with_trie_logits_processor(llama):
     codes = (out[:, 4:] - 10) - torch.arange(length) * vocab
     assert index.contains(codes).all()  # 100% valid
     assert codes.view(2, beams, length)[:, 0].tolist() == ours.ids[:, 0].tolist()  # same best ID per prompt
+
+
+def test_decoding_step_compiles_without_graph_breaks():
+    """fullgraph=True fails on any data-dependent Python branch or host sync in the step."""
+    from scalestack.decode import beam_step
+
+    ids = random_ids(200, 4, 9, seed=4)
+    index = TrieIndex.build(ids, 9, dense_levels=1)
+
+    def step(level, scores, alive, logprobs, state):
+        return beam_step(scores, alive, logprobs, index.candidates(level, state), 5, 9)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    scores, alive = torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
+    state = index.root_state(2)
+    for level in range(4):
+        lp = torch.log_softmax(torch.randn(scores.numel(), 9), -1)
+        want = step(level, scores, alive, lp, state)
+        got = compiled(level, scores, alive, lp, state)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+        scores, _, _, state, alive = want
+        state = state.flatten()
