@@ -221,6 +221,10 @@ def test_beam_search_bad_input():
         constrained_beam_search(torch.nn.Linear(2, 2), torch.tensor([[1]]), index, 2)
     with pytest.raises(ValueError, match="length= and vocab_size="):
         constrained_beam_search(model, torch.tensor([[1]]), None, 2)
+    with pytest.raises(ValueError, match=r"index.to\(device\)"):
+        constrained_beam_search(model, torch.tensor([[1]]), index.to("meta"), 2)
+    moved = index.to("meta")
+    assert moved.device.type == "meta" and moved.nbytes == index.nbytes and index.device.type == "cpu"
 
 
 # ---------------------------------------------------------------------- Hugging Face causal LMs

@@ -124,6 +124,8 @@ def _check_args(
         return length, vocab_size
     if not isinstance(index, TrieIndex):
         raise TypeError(f"index must be a TrieIndex (or None for unconstrained), got {type(index).__name__}")
+    if index.device != prompts.device:
+        raise ValueError(f"the index is on {index.device} but prompts on {prompts.device}: use index.to(device)")
     return index.length, index.vocab_size
 
 

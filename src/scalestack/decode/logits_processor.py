@@ -57,6 +57,8 @@ class TrieLogitsProcessor(_Base):
         level = input_ids.shape[1] - self.prompt_length
         if level < 0:
             raise ValueError(f"input_ids are shorter ({input_ids.shape[1]}) than prompt_length {self.prompt_length}")
+        if self.index.device != scores.device:
+            raise ValueError(f"the index is on {self.index.device} but scores on {scores.device}: use index.to(device)")
         mask = torch.full_like(scores, float("-inf"))
         if level >= self.index.length:
             if self.eos is not None:

@@ -157,8 +157,33 @@ class TrieIndex:
         out = [*self.dense_masks, *self.tokens, *(p for p in self.indptr if p is not None)]
         return out + ([self.dense_states] if self.dense_states is not None else [])
 
+    @property
+    def device(self) -> torch.device:
+        return self.tokens[0].device if self.tokens else self.dense_states.device
+
+    def to(self, device: torch.device | str) -> TrieIndex:
+        """A copy of the index on ``device`` (decode where the model runs: the step is gathers only)."""
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return TrieIndex(
+            vocab_size=self.vocab_size,
+            length=self.length,
+            dense_levels=self.dense_levels,
+            num_ids=self.num_ids,
+            dense_masks=[move(t) for t in self.dense_masks],
+            dense_states=move(self.dense_states),
+            indptr=[move(t) for t in self.indptr],
+            tokens=[move(t) for t in self.tokens],
+            level_sizes=list(self.level_sizes),
+            max_branches=list(self.max_branches),
+        )
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to one file that :meth:`load` memory-maps."""
+        if self.device.type != "cpu":
+            return self.to("cpu").save(path)
         torch.save(
             {
                 "format": FORMAT,
