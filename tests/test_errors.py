@@ -24,6 +24,11 @@ def test_not_a_module_or_bad_options():
         ss.fully_shard(torch.ones(3))
     with pytest.raises(ValueError, match="floating-point"):
         ss.MixedPrecision(param_dtype=torch.int8)
+    with pytest.raises(ValueError, match="max_buffers must be a positive int"):
+        ss.fully_shard(nn.Linear(2, 2), max_buffers=0)
+    for bad in ("2", 2.0, True):
+        with pytest.raises(TypeError, match="max_buffers must be a positive int"):
+            ss.fully_shard(nn.Linear(2, 2), max_buffers=bad)
 
 
 def expect(exc_type, fn, *args, **kwargs) -> str:

@@ -23,8 +23,8 @@ from . import collectives as comm
 from .granularity import GranularityRule, cuts_for, resolve_granularity
 from .layout import Layout, TensorSpec
 from .mixed_precision import MixedPrecision
-from .planner import plan_unit
-from .unit import ManagedParam, ShardedUnit
+from .planner import Plan, plan_buffers, plan_unit
+from .unit import FlatBuffer, ManagedParam, ShardedUnit
 
 _OWNER = "_scalestack_unit"  # set on every parameter a unit owns (original and sharded objects)
 _STATE = "_scalestack_state"
@@ -274,8 +274,9 @@ def _describe(states: list[FSDPState]) -> list[str]:
     for s in states:
         if s.unit is None:
             continue
-        params = ", ".join(f"{p.fqn}{list(s.unit.layout.slots[p.slot_index].shape)}" for p in s.unit.params)
-        out.append(f"unit {s.unit.name}: S={s.unit.layout.shard_size} dtype={s.unit.shard_buffer.dtype} [{params}]")
+        params = ", ".join(f"{p.fqn}{list(p.slot.shape)}" for p in s.unit.params)
+        shards = "+".join(str(b.layout.shard_size) for b in s.unit.buffers)
+        out.append(f"unit {s.unit.name}: S={shards} dtype={s.unit.dtype} [{params}]")
     return out
 
 
@@ -298,7 +299,7 @@ def _check_ranks_agree(states: list[FSDPState], group: ProcessGroup) -> None:
     """One small all-gather of a digest of every unit's shapes; on mismatch every rank raises."""
     lines = _describe(states)
     digest = int.from_bytes(hashlib.sha256("\n".join(lines).encode()).digest()[:8], "little", signed=True)
-    device = next((s.unit.shard_buffer.device for s in states if s.unit is not None), torch.device("cpu"))
+    device = next((s.unit.device for s in states if s.unit is not None), torch.device("cpu"))
     if device.type == "meta":
         device = torch.device("cpu")
     world = dist.get_world_size(group)
@@ -368,12 +369,17 @@ def fully_shard(
     reshard_after_forward: bool = True,
     mixed_precision: MixedPrecision | None = None,
     granularity: GranularityRule = None,
+    max_buffers: int = 1,
 ) -> nn.Module:
     """Shard ``module``'s parameters (those not in an already sharded submodule) as one unit.
 
     Call it on submodules first (each becomes a unit) and then on the root. Returns ``module``, whose class
     gains the ``FSDPModule`` methods. ``granularity`` is ``"element"`` (default), ``"row"``, an int k
     (blocks of k rows), ``"tensor"`` or a callable ``(name, param) -> one of these``.
+
+    ``max_buffers`` > 1 lets the planner (``plan_buffers``) split the unit into up to that many flat
+    buffers, each with its own shard size and its own all-gather / reduce-scatter, when that lowers padding
+    (e.g. tensors whose row lengths force a large common S); the unit still gathers and frees as one.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard takes an nn.Module, got {type(module).__name__}")
@@ -383,8 +389,12 @@ def fully_shard(
         raise TypeError("mixed_precision must be a scalestack.MixedPrecision")
     if granularity is not None and not callable(granularity):
         resolve_granularity(granularity, "", torch.empty(0))  # fail now on an unknown value
+    if not isinstance(max_buffers, int) or isinstance(max_buffers, bool):
+        raise TypeError(f"max_buffers must be a positive int (1: one flat buffer per unit), got {max_buffers!r}")
+    if max_buffers < 1:
+        raise ValueError(f"max_buffers must be a positive int (1: one flat buffer per unit), got {max_buffers}")
     group = _group_of(mesh)
-    unit = _build_unit(module, group, mixed_precision, granularity, bool(reshard_after_forward))
+    unit = _build_unit(module, group, mixed_precision, granularity, bool(reshard_after_forward), max_buffers)
     setattr(module, _STATE, FSDPState(module, unit, group, mixed_precision))
     module.register_forward_pre_hook(_pre_forward, prepend=True, with_kwargs=True)
     module.register_forward_hook(_post_forward, with_kwargs=True)
@@ -407,6 +417,7 @@ def _build_unit(
     mp: MixedPrecision | None,
     granularity: GranularityRule,
     reshard_after_forward: bool,
+    max_buffers: int,
 ) -> ShardedUnit | None:
     by_id: dict[int, tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]] = {}
     for fqn, owner, attr, p in _owned_params(module):
@@ -439,29 +450,37 @@ def _build_unit(
         TensorSpec(fqn, tuple(p.shape), cuts_for(resolve_granularity(granularity, fqn, p), p.shape))
         for fqn, p, _ in entries
     ]
-    layout = plan_unit(specs, world, align=max(1, _ALIGN_BYTES // first.element_size()))
-    shard = torch.zeros(layout.shard_size, dtype=master, device=first.device)
-    gather = torch.empty(layout.total_size, dtype=compute, device=first.device)
-    grads = torch.empty(layout.total_size, dtype=compute, device=first.device)
+    align = max(1, _ALIGN_BYTES // first.element_size())
+    plan = plan_unit(specs, world, align) if max_buffers == 1 else plan_buffers(specs, world, align, max_buffers)
     unit_name = type(module).__name__
-    params = []
-    for index, ((fqn, p, uses), slot, piece) in enumerate(zip(entries, layout.slots, layout.pieces(rank))):
-        local = shard[piece.local_offset : piece.local_offset + piece.numel]
-        with torch.no_grad():
-            local.copy_(p.detach().reshape(-1)[piece.start : piece.end])
-        sharded = nn.Parameter(local, requires_grad=p.requires_grad)
-        unsharded = nn.Parameter(gather[slot.offset : slot.end].view(slot.shape), requires_grad=p.requires_grad)
-        for t in (p, sharded):
-            setattr(t, _OWNER, unit_name)
-        params.append(ManagedParam(fqn, uses, index, piece, sharded, unsharded))
+    buffers = []
+    by_entry: dict[int, ManagedParam] = {}
+    for lay in [plan] if isinstance(plan, Layout) else plan.buffers:
+        buf = FlatBuffer(
+            lay,
+            shard=torch.zeros(lay.shard_size, dtype=master, device=first.device),
+            gather=torch.empty(lay.total_size, dtype=compute, device=first.device),
+            grad=torch.empty(lay.total_size, dtype=compute, device=first.device),
+        )
+        buffers.append(buf)
+        indices = lay.tensor_indices or range(len(lay.slots))
+        for slot_index, (entry, slot, piece) in enumerate(zip(indices, lay.slots, lay.pieces(rank))):
+            fqn, p, uses = entries[entry]
+            local = buf.shard[piece.local_offset : piece.local_offset + piece.numel]
+            with torch.no_grad():
+                local.copy_(p.detach().reshape(-1)[piece.start : piece.end])
+            sharded = nn.Parameter(local, requires_grad=p.requires_grad)
+            full = nn.Parameter(buf.gather[slot.offset : slot.end].view(slot.shape), requires_grad=p.requires_grad)
+            for t in (p, sharded):
+                setattr(t, _OWNER, unit_name)
+            by_entry[entry] = ManagedParam(fqn, uses, buf, slot_index, piece, sharded, full)
+    params = [by_entry[i] for i in range(len(entries))]  # model order, whatever buffer holds them
     unit = ShardedUnit(
         name=unit_name,
-        layout=layout,
+        plan=plan,
+        buffers=buffers,
         group=group,
         rank=rank,
-        shard_buffer=shard,
-        gather_buffer=gather,
-        grad_buffer=grads,
         params=params,
         reduce_dtype=reduce,
         reshard_after_forward=reshard_after_forward,
@@ -470,14 +489,20 @@ def _build_unit(
     return unit
 
 
-def layout(module: nn.Module) -> Layout:
-    """The layout of the unit that ``fully_shard(module)`` created (shard size, padding, offsets, pieces)."""
+def layout(module: nn.Module) -> Layout | Plan:
+    """The plan of the unit that ``fully_shard(module)`` created: what the planner returned for it.
+
+    With ``max_buffers=1`` (the default) a ``Layout`` (shard size, padding, offsets, pieces). With
+    ``max_buffers`` > 1 always a ``Plan`` (as ``scalestack.plan`` returns), even when the planner kept one
+    buffer: ``Plan.buffers`` holds one ``Layout`` per flat buffer (its slots are named after the
+    parameters it holds); ``Plan.padding`` and ``Plan.total_size`` sum over the buffers.
+    """
     if not isinstance(module, FSDPModule):
         raise ValueError(f"{type(module).__name__} was not passed to fully_shard, so it has no layout")
     unit = _state(module).unit
     if unit is None:
         raise ValueError(f"{type(module).__name__} is a unit with no parameters of its own, so it has no layout")
-    return unit.layout
+    return unit.plan
 
 
 def units(module: nn.Module) -> list[ShardedUnit]:

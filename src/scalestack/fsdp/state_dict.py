@@ -21,22 +21,23 @@ def _owners(model: nn.Module) -> dict[int, tuple[ShardedUnit, ManagedParam]]:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather every unit (one all-gather each, in the master dtype) and return full tensors.
+    """Gather every unit (one all-gather per flat buffer, in the master dtype) and return full tensors.
 
     A collective: every rank must call it. Tied parameters share one tensor, as in ``state_dict()``.
     """
     owners = _owners(model)
-    full: dict[int, torch.Tensor] = {}
+    full: dict[int, torch.Tensor] = {}  # id(FlatBuffer) -> its gathered W*S elements
     for unit in units(model):
-        out = torch.empty(unit.layout.total_size, dtype=unit.shard_buffer.dtype, device=unit.shard_buffer.device)
-        comm.all_gather_blocking(out, unit.shard_buffer, unit.group)
-        full[id(unit)] = out
+        for b in unit.buffers:
+            out = torch.empty(b.layout.total_size, dtype=b.shard.dtype, device=b.shard.device)
+            comm.all_gather_blocking(out, b.shard, unit.group)
+            full[id(b)] = out
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if id(value) in owners:
-            unit, p = owners[id(value)]
-            slot = unit.layout.slots[p.slot_index]
-            result[key] = full[id(unit)][slot.offset : slot.end].view(slot.shape)
+            _, p = owners[id(value)]
+            slot = p.slot
+            result[key] = full[id(p.buffer)][slot.offset : slot.end].view(slot.shape)
         else:
             result[key] = value.detach()
     return result
@@ -65,8 +66,8 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             if not torch.is_tensor(source):
                 raise TypeError(f"state dict entry {key!r} is a {type(source).__name__}, not a tensor")
             if id(target) in owners:
-                unit, p = owners[id(target)]
-                shape = unit.layout.slots[p.slot_index].shape
+                _, p = owners[id(target)]
+                shape = p.slot.shape
                 if tuple(source.shape) != shape:
                     raise ValueError(f"{key!r}: the model has shape {list(shape)}, the state dict {list(source.shape)}")
                 p.sharded.copy_(source.reshape(-1)[p.piece.start : p.piece.end])

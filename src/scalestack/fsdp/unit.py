@@ -1,11 +1,16 @@
-"""One sharded unit: its layout, its three buffers and the state machine that moves between them.
+"""One sharded unit: its flat buffers and the state machine that moves between them.
 
-shard buffer (S, master dtype, persistent)   -- the registered parameters are 1-D views of it
-gather buffer (W*S, compute dtype, transient) -- the full parameters used in compute are views of it
-grad buffer   (W*S, compute dtype, transient) -- autograd accumulates full gradients into views of it
+A unit holds one or more flat buffers (``FlatBuffer``; several when the planner splits the unit to cut
+padding, see ``plan_buffers``), each with its own layout, shard size S and collective, and each made of:
+
+shard buffer  (S, master dtype, persistent)    -- the registered parameters are 1-D views of it
+gather buffer (W*S, compute dtype, transient)  -- the full parameters used in compute are views of it
+grad buffer   (W*S, compute dtype, transient)  -- autograd accumulates full gradients into views of it
 
 The gather and grad buffers keep their tensor objects for the unit's lifetime and only their storage is
 allocated and freed, so the parameter views (and the tensors autograd saved for backward) stay valid.
+The unit moves all its buffers together: one all-gather per buffer, all issued before any is waited on,
+and one reduce-scatter per buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch.nn as nn
 from torch.distributed import ProcessGroup, Work
 
 from . import collectives as comm
-from .layout import Layout, Piece
+from .layout import Layout, Piece, TensorSlot
+from .planner import Plan
 
 # The next unit's all-gather is issued once this fraction of this unit's gradients has arrived: it still
 # overlaps most of the backward, but not the activation-gradient peak at its start (in a transformer block
@@ -28,9 +34,19 @@ BACKWARD_PREFETCH_AFTER = 0.25
 
 
 class ShardState(Enum):
-    SHARDED = auto()  # only the shard buffer exists; the module shows the sharded pieces
-    GATHERING = auto()  # an all-gather into the gather buffer is in flight
-    UNSHARDED = auto()  # the module shows full parameters, views of the gather buffer
+    SHARDED = auto()  # only the shard buffers exist; the module shows the sharded pieces
+    GATHERING = auto()  # the all-gathers into the gather buffers are in flight
+    UNSHARDED = auto()  # the module shows full parameters, views of the gather buffers
+
+
+@dataclass(eq=False)
+class FlatBuffer:
+    """One flat buffer of a unit: its layout and its shard / gather / grad tensors (see the module doc)."""
+
+    layout: Layout
+    shard: torch.Tensor  # S elements, master dtype
+    gather: torch.Tensor  # W*S elements, compute dtype; storage freed while sharded
+    grad: torch.Tensor  # W*S elements, compute dtype; storage freed outside backward / accumulation
 
 
 @dataclass(eq=False)
@@ -39,7 +55,8 @@ class ManagedParam:
 
     fqn: str  # first name under the unit's module
     uses: list[tuple[nn.Module, str]]  # every (module, attribute) that registers it (tied weights)
-    slot_index: int
+    buffer: FlatBuffer  # the flat buffer that holds it
+    slot_index: int  # its slot in ``buffer.layout``
     piece: Piece
     sharded: nn.Parameter
     unsharded: nn.Parameter
@@ -48,13 +65,23 @@ class ManagedParam:
     def requires_grad(self) -> bool:
         return self.sharded.requires_grad
 
+    @property
+    def slot(self) -> TensorSlot:
+        return self.buffer.layout.slots[self.slot_index]
+
 
 @dataclass
 class _PendingReduce:
     work: Work
+    buffer: FlatBuffer
     output: torch.Tensor
     source: torch.Tensor  # kept alive until the collective is done
-    received: set[int]  # leaves that got a gradient: the others keep grad None, as unsharded
+
+
+@dataclass
+class _PendingGather:
+    gather: comm.PendingGather
+    source: torch.Tensor  # kept alive until the collective is done
 
 
 def _alloc(t: torch.Tensor) -> bool:
@@ -76,22 +103,20 @@ class ShardedUnit:
     """The parameters of one ``fully_shard(module)`` call; gathered and freed together."""
 
     name: str
-    layout: Layout
+    plan: Layout | Plan  # what the planner returned: a Layout (max_buffers=1) or a Plan, one Layout per buffer
+    buffers: list[FlatBuffer]
     group: ProcessGroup
     rank: int
-    shard_buffer: torch.Tensor
-    gather_buffer: torch.Tensor
-    grad_buffer: torch.Tensor
     params: list[ManagedParam]
     reduce_dtype: torch.dtype
     reshard_after_forward: bool = True
     requires_gradient_sync: bool = True
     state: ShardState = ShardState.SHARDED
-    _gather: comm.PendingGather | None = None
-    _gather_source: torch.Tensor | None = None
+    _gathers: list[_PendingGather] = field(default_factory=list)
     _grads_arrived: int = 0
     _backward_done: bool = True
-    _pending: _PendingReduce | None = None
+    _pending: list[_PendingReduce] = field(default_factory=list)
+    _pending_received: set[int] = field(default_factory=set)  # leaves whose reduced gradient is pending
     on_reduce_issued: Callable[[ShardedUnit], None] | None = None  # lets the root bound in-flight reduces
     on_grad_ready: Callable[[], None] | None = None  # lets the root free finished reduces early
     _received: set[int] = field(default_factory=set)  # leaves with a gradient in this accumulation window
@@ -99,30 +124,44 @@ class ShardedUnit:
     _hooks: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _free(self.gather_buffer)
-        _free(self.grad_buffer)
+        for b in self.buffers:
+            _free(b.gather)
+            _free(b.grad)
         self._grad_params = [p for p in self.params if p.requires_grad]
         self._by_leaf = {id(p.unsharded): p for p in self._grad_params}
         for p in self._grad_params:
             self._hooks.append(p.unsharded.register_post_accumulate_grad_hook(self._on_grad_ready))
 
+    @property
+    def device(self) -> torch.device:
+        return self.buffers[0].shard.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The master (shard) dtype."""
+        return self.buffers[0].shard.dtype
+
     # ---------------------------------------------------------------- all-gather / free
     def unshard(self, async_op: bool = False) -> None:
         if self.state is ShardState.SHARDED:
-            _alloc(self.gather_buffer)
-            source = comm.cast(self.shard_buffer, self.gather_buffer.dtype)
-            self._gather = comm.all_gather(self.gather_buffer, source, self.group)
-            self._gather_source = source
+            for b in self.buffers:  # issue every buffer's all-gather before waiting on any
+                _alloc(b.gather)
+                source = comm.cast(b.shard, b.gather.dtype)
+                self._gathers.append(_PendingGather(comm.all_gather(b.gather, source, self.group), source))
             self.state = ShardState.GATHERING
         if not async_op:
             self.wait_for_unshard()
+
+    def _wait_gathers(self) -> None:
+        for g in self._gathers:
+            g.gather.wait()
+        self._gathers = []
 
     def wait_for_unshard(self) -> None:
         if self.state is ShardState.SHARDED:
             self.unshard(async_op=True)
         if self.state is ShardState.GATHERING:
-            self._gather.wait()
-            self._gather = self._gather_source = None
+            self._wait_gathers()
             self.state = ShardState.UNSHARDED
             self.show(unsharded=True)
 
@@ -130,10 +169,10 @@ class ShardedUnit:
         if self.state is ShardState.SHARDED:
             return
         if self.state is ShardState.GATHERING:
-            self._gather.wait()
-            self._gather = self._gather_source = None
+            self._wait_gathers()
         self.show(unsharded=False)
-        _free(self.gather_buffer)
+        for b in self.buffers:
+            _free(b.gather)
         self.state = ShardState.SHARDED
 
     def show(self, unsharded: bool) -> None:
@@ -149,8 +188,12 @@ class ShardedUnit:
             return
         self._backward_done = False
         self._grads_arrived = 0
-        if _alloc(self.grad_buffer):
-            self.grad_buffer.zero_()
+        fresh = False
+        for b in self.buffers:
+            if _alloc(b.grad):
+                b.grad.zero_()
+                fresh = True
+        if fresh:
             self._received.clear()
         for p in self._grad_params:
             p.unsharded.grad = self._grad_view(p)
@@ -166,9 +209,10 @@ class ShardedUnit:
             for unit in units:
                 unit.unshard(async_op=True)
 
-    def _grad_view(self, p: ManagedParam) -> torch.Tensor:
-        slot = self.layout.slots[p.slot_index]
-        return self.grad_buffer[slot.offset : slot.end].view(slot.shape)
+    @staticmethod
+    def _grad_view(p: ManagedParam) -> torch.Tensor:
+        slot = p.slot
+        return p.buffer.grad[slot.offset : slot.end].view(slot.shape)
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         if self._backward_done:  # a gradient before the unit's pre-backward (used outside its forward)
@@ -200,14 +244,18 @@ class ShardedUnit:
         self.reshard()
 
     def _reduce_scatter(self) -> None:
-        full = comm.cast(self.grad_buffer, self.reduce_dtype)
-        output = torch.empty(self.layout.shard_size, dtype=self.reduce_dtype, device=full.device)
-        work = comm.reduce_scatter_avg(output, full, self.group)
+        self.finish_reduce()  # a previous reduce still in flight (none in a normal step) lands first
+        for b in self.buffers:  # one reduce-scatter per buffer, all in flight together
+            full = comm.cast(b.grad, self.reduce_dtype)
+            output = torch.empty(b.layout.shard_size, dtype=self.reduce_dtype, device=full.device)
+            work = comm.reduce_scatter_avg(output, full, self.group)
+            self._pending.append(_PendingReduce(work, b, output, full))
         for p in self._grad_params:
             p.unsharded.grad = None
-        if full is not self.grad_buffer:
-            _free(self.grad_buffer)
-        self._pending = _PendingReduce(work, output, full, self._received.copy())
+        for r in self._pending:
+            if r.source is not r.buffer.grad:  # the cast holds the data: the grad buffer can go now
+                _free(r.buffer.grad)
+        self._pending_received = self._received.copy()
         if self.on_reduce_issued is not None:
             self.on_reduce_issued(self)
 
@@ -216,22 +264,25 @@ class ShardedUnit:
         return not self._backward_done
 
     def reduce_completed(self) -> bool:
-        return self._pending is not None and self._pending.work.is_completed()
+        return bool(self._pending) and all(r.work.is_completed() for r in self._pending)
 
     def finish_reduce(self) -> None:
-        """Wait for the in-flight reduce-scatter and hand out the sharded gradients (views of its output)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        """Wait for the in-flight reduce-scatters and hand out the sharded gradients (views of their output)."""
+        pending, self._pending = self._pending, []
+        if not pending:
             return
         with torch.profiler.record_function("scalestack::wait_reduce_scatter"):
-            pending.work.wait()
-        if pending.source is self.grad_buffer:
-            _free(self.grad_buffer)
-        grads = comm.cast(pending.output, self.shard_buffer.dtype)
+            for r in pending:
+                r.work.wait()
+        grads = {}
+        for r in pending:
+            if r.source is r.buffer.grad:
+                _free(r.buffer.grad)
+            grads[id(r.buffer)] = comm.cast(r.output, r.buffer.shard.dtype)
         for p in self._grad_params:
-            if id(p.unsharded) not in pending.received:
+            if id(p.unsharded) not in self._pending_received:
                 continue
-            view = grads[p.piece.local_offset : p.piece.local_offset + p.piece.numel]
+            view = grads[id(p.buffer)][p.piece.local_offset : p.piece.local_offset + p.piece.numel]
             if p.sharded.grad is None:
                 p.sharded.grad = view
             else:

@@ -32,7 +32,7 @@ def clip_grad_norm_(
             (sharded if hasattr(p, _OWNER) else replicated).append(p.grad)
     grads = sharded + replicated
     all_units = units(model)
-    device = grads[0].device if grads else (all_units[0].shard_buffer.device if all_units else torch.device("cpu"))
+    device = grads[0].device if grads else (all_units[0].device if all_units else torch.device("cpu"))
     inf = math.isinf(norm_type)
 
     def reduce(gs: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""Units split into several flat buffers (``fully_shard(..., max_buffers=k)``) against an unsharded reference.
+
+Each block holds ``up.weight`` [32, 8] (rows of 8) and ``down.weight`` [8, 32] (rows of 32). With row
+granularity at W=3 one buffer must pad (S=192, 24 elements of padding); the planner splits the block into two
+buffers of S=88 and S=96 with none. At W=4 the planner keeps one buffer (a Plan with one Layout), which must
+work the same.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_engine import global_mean, local, make_opt, param_errors
+
+import scalestack as ss
+from scalestack.fsdp import collectives as comm
+from scalestack.fsdp.api import units
+
+pytestmark = pytest.mark.timeout(240)
+
+BLOCK_SHAPES = [(32, 8), (32,), (8, 32), (8,)]
+N_BLOCKS, BATCH, STEPS = 3, 12, 10  # the global batch divides by every W in 1..4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, h):
+        return h + self.down(torch.tanh(self.up(h)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(Block() for _ in range(N_BLOCKS))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return F.mse_loss(self.head(h), y)
+
+
+def make_models(seed: int = 0) -> tuple[Net, Net]:
+    torch.manual_seed(seed)
+    ref = Net()
+    ref.blocks[1].down.bias.requires_grad_(False)  # frozen, sharing a buffer with a trained weight
+    return ref, copy.deepcopy(ref)
+
+
+def shard(model: Net, group, max_buffers: int = 3, **kwargs) -> Net:
+    for block in model.blocks:
+        ss.fully_shard(block, mesh=group, granularity="row", max_buffers=max_buffers, **kwargs)
+    return ss.fully_shard(model, mesh=group, granularity="row", max_buffers=max_buffers, **kwargs)
+
+
+def batches(steps: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 4, generator=g)
+
+
+def buffer_counts(model: Net) -> tuple[list[int], int]:
+    """Flat buffers of each block's unit, and of the root's."""
+    return [len(units(b)[0].buffers) for b in model.blocks], len(units(model)[0].buffers)
+
+
+def test_planner_splits_the_block():
+    one = ss.plan(BLOCK_SHAPES, 3, "row")
+    split = ss.plan(BLOCK_SHAPES, 3, "row", max_buffers=3)
+    assert len(split.buffers) >= 2
+    assert split.padding < one.padding
+    assert sorted(i for b in split.buffers for i in b.tensor_indices) == list(range(len(BLOCK_SHAPES)))
+
+
+def train_case(rank, world, group, opt_kind, steps, shard_kwargs=None):
+    ref, model = make_models()
+    shard(model, group, **(shard_kwargs or {}))
+    opt, ref_opt = make_opt(opt_kind, model.parameters()), make_opt(opt_kind, ref.parameters())
+    ss.reset_traffic()
+    losses = []
+    for x, y in batches(steps):
+        loss = model(local(x, rank, world), local(y, rank, world))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_loss = ref(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        losses.append((global_mean(loss, group, world), ref_loss.item()))
+    return {
+        "losses": losses,
+        "errors": param_errors(model, ref),
+        "traffic": ss.traffic().as_dict(),
+        "buffers": buffer_counts(model),
+    }
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_sgd_matches_unsharded(pool, world):
+    out = pool.run(train_case, world, "sgd", STEPS)[0]
+    if world == 3:
+        assert all(n >= 2 for n in out["buffers"][0]), out["buffers"]
+    worst = max(out["errors"].items(), key=lambda kv: kv[1])
+    assert worst[1] < 1e-6, worst
+    assert out["traffic"]["copy_bytes"] == 0  # fp32: nothing copied outside collectives
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_adamw_matches_unsharded(pool, world):
+    out = pool.run(train_case, world, "adamw", STEPS)[0]
+    for step, (loss, ref_loss) in enumerate(out["losses"]):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (step, loss, ref_loss)
+    worst = max(out["errors"].items(), key=lambda kv: kv[1])
+    assert worst[1] < 1e-3, worst
+
+
+def bf16_case(rank, world, group):
+    mp = ss.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    split = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp})
+    one = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp, "max_buffers": 1})
+    return split, one
+
+
+def test_bf16_mixed_precision_close_to_fp32(pool):
+    split, one = pool.run(bf16_case, 3)[0]
+    assert all(n >= 2 for n in split["buffers"][0])
+    # Splitting the unit changes where tensors live, not the arithmetic: bitwise the one-buffer run.
+    assert split["losses"] == one["losses"] and split["errors"] == one["errors"]
+    # Documented tolerance: bf16 compute with fp32 master weights and fp32 reduction vs an all-fp32
+    # reference, 10 SGD steps of this small MLP on an MSE loss (more sensitive to bf16 rounding than
+    # test_engine's GPT): losses within 1e-2 relative every step (seen: 3.3e-3), all parameters together
+    # within 2e-3 (seen: 4.3e-4).
+    for loss, ref_loss in split["losses"]:
+        assert abs(loss - ref_loss) <= 1e-2 * abs(ref_loss)
+    assert split["errors"]["*"] < 2e-3
+    # One cast per buffer: the local shard (S) per all-gather (W*S gathered), the grads for the fp32 reduce.
+    t = split["traffic"]
+    assert t["copy_bytes"] == t["all_gather_bytes"] // 3 + t["reduce_scatter_bytes"]
+
+
+def traffic_case(rank, world, group):
+    _, model = make_models()
+    shard(model, group)
+    x, y = next(batches(1))
+    ss.reset_traffic()
+    model(local(x, rank, world), local(y, rank, world)).backward()
+    blocks = [[b.total_size * 4 for b in ss.layout(m).buffers] for m in model.blocks]
+    root = [b.total_size * 4 for b in ss.layout(model).buffers]
+    return ss.traffic().as_dict(), blocks, root
+
+
+def test_traffic_is_one_collective_per_buffer_and_zero_copy(pool):
+    t, blocks, root = pool.run(traffic_case, 3)[0]
+    assert all(len(b) >= 2 for b in blocks)
+    block_buffers, block_bytes = sum(len(b) for b in blocks), sum(sum(b) for b in blocks)
+    # blocks: gathered in forward and again in backward; root: once (kept for backward)
+    assert t["all_gathers"] == 2 * block_buffers + len(root)
+    assert t["all_gather_bytes"] == 2 * block_bytes + sum(root)
+    assert t["reduce_scatters"] == block_buffers + len(root)
+    assert t["reduce_scatter_bytes"] == block_bytes + sum(root)
+    assert t["copy_bytes"] == 0
+
+
+def issue_order_case(rank, world, group):
+    """Record collectives and waits in one unshard: every all-gather is issued before the first wait."""
+    _, model = make_models()
+    shard(model, group)
+    events = []
+    issue, wait = comm.all_gather, comm.PendingGather.wait
+
+    def recording_issue(output, shard_, group_):
+        events.append("issue")
+        return issue(output, shard_, group_)
+
+    def recording_wait(self):
+        events.append("wait")
+        return wait(self)
+
+    comm.all_gather, comm.PendingGather.wait = recording_issue, recording_wait
+    try:
+        model.blocks[0].unshard()
+    finally:
+        comm.all_gather, comm.PendingGather.wait = issue, wait
+    model.blocks[0].reshard()
+    return events, len(ss.layout(model.blocks[0]).buffers)
+
+
+def test_all_gathers_issued_before_any_wait(pool):
+    events, n = pool.run(issue_order_case, 3)[0]
+    assert n >= 2
+    assert events == ["issue"] * n + ["wait"] * n
+
+
+def accumulation_case(rank, world, group, micro):
+    ref, model = make_models()
+    shard(model, group)
+    opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
+    x, y = next(batches(1))
+    xl, yl = local(x, rank, world), local(y, rank, world)
+    ss.reset_traffic()
+    for i in range(micro):
+        model.set_requires_gradient_sync(i == micro - 1)
+        n = xl.shape[0] // micro
+        (model(xl[i * n : (i + 1) * n], yl[i * n : (i + 1) * n]) / micro).backward()
+    reduces = ss.traffic().reduce_scatters
+    opt.step()
+    ref(x, y).backward()
+    ref_opt.step()
+    blocks, root = buffer_counts(model)
+    return reduces, sum(blocks) + root, param_errors(model, ref)
+
+
+def test_gradient_accumulation_reduces_once_per_buffer(pool):
+    reduces, n_buffers, errors = pool.run(accumulation_case, 3, 2)[0]
+    assert n_buffers > N_BLOCKS + 1  # the blocks are split
+    assert reduces == n_buffers  # one reduce-scatter per buffer, on the last micro-batch only
+    assert max(errors.values()) < 1e-6
+
+
+def state_dict_case(rank, world, group):
+    ref, model = make_models()
+    shard(model, group)
+    opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
+    data = list(batches(5))
+    for x, y in data[:3]:
+        model(local(x, rank, world), local(y, rank, world)).backward()
+        opt.step(), opt.zero_grad()
+        ref(x, y).backward()
+        ref_opt.step(), ref_opt.zero_grad()
+    saved = {k: v.clone() for k, v in ss.full_state_dict(model).items()}
+    errors_saved = param_errors(model, ref)
+    _, fresh = make_models(seed=123)
+    shard(fresh, group)
+    ss.load_full_state_dict(fresh, saved)
+    reloaded = ss.full_state_dict(fresh)
+    exact = all(torch.equal(reloaded[k], saved[k]) for k in saved)
+    opt = make_opt("sgd", fresh.parameters())
+    for x, y in data[3:]:
+        fresh(local(x, rank, world), local(y, rank, world)).backward()
+        opt.step(), opt.zero_grad()
+        ref(x, y).backward()
+        ref_opt.step(), ref_opt.zero_grad()
+    return errors_saved, exact, param_errors(fresh, ref)
+
+
+def test_full_state_dict_round_trip(pool):
+    errors_saved, exact, errors_after = pool.run(state_dict_case, 3)[0]
+    assert max(errors_saved.values()) < 1e-6
+    assert exact
+    assert max(errors_after.values()) < 1e-6
+
+
+def clip_case(rank, world, group):
+    ref, model = make_models()
+    shard(model, group)
+    norms = []
+    for x, y in batches(2):
+        model(local(x, rank, world), local(y, rank, world)).backward()
+        ref(x, y).backward()
+        norms.append((ss.clip_grad_norm_(model, 0.05).item(), nn.utils.clip_grad_norm_(ref.parameters(), 0.05).item()))
+        model.zero_grad(), ref.zero_grad()
+    return norms, [u.state.name for u in units(model)]
+
+
+def test_clip_grad_norm_matches_torch(pool):
+    norms, states = pool.run(clip_case, 3)[0]
+    for ours, theirs in norms:
+        assert abs(ours - theirs) <= 1e-5 * theirs
+    assert set(states) == {"SHARDED"}
