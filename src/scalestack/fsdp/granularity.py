@@ -71,7 +71,12 @@ def check_granularity(spec: object, where: str = "granularity") -> GranularitySp
 
 def cuts_for(spec: GranularitySpec, shape: Sequence[int]) -> Cuts:
     """The allowed cuts of a tensor of ``shape`` under one granularity value."""
-    spec = check_granularity(spec)
+    return _cuts_for(check_granularity(spec), tuple(shape))
+
+
+@functools.lru_cache(maxsize=65536)
+def _cuts_for(spec: GranularitySpec, shape: tuple[int, ...]) -> Cuts:
+    """Memoized: a model repeats a few shapes thousands of times (Cuts are immutable values, safe to share)."""
     numel = math.prod(shape)
     if numel == 0 or spec == "element":
         return Cuts.every(1)

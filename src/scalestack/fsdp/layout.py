@@ -7,6 +7,7 @@ of a tensor is a whole number of granules. Padding lives only between tensors an
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -71,8 +72,8 @@ class Layout:
     def total_size(self) -> int:
         return self.world_size * self.shard_size
 
-    @property
-    def numel(self) -> int:
+    @functools.cached_property
+    def numel(self) -> int:  # computed once: reports ask for it per unit, and units can hold ~800 tensors
         return sum(s.numel for s in self.slots)
 
     @property
