@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.save_index:
             index.save(args.save_index)
         print(
-            f"# allowed: {index.num_ids} IDs from {args.allowed} (index {index.nbytes / 2**20:.2f} MiB, "
+            f"# allowed: {index.num_ids} IDs from {args.allowed} (index {_size(index.nbytes)}, "
             f"built in {1e3 * (time.perf_counter() - t0):.0f} ms)",
             flush=True,
         )
@@ -85,3 +85,7 @@ def answer(retriever: Retriever, queries: list[str], args: argparse.Namespace, r
     for query, ids, scores, valid in zip(queries, res.ids.tolist(), res.scores.tolist(), res.valid.tolist()):
         shown = [f"{' '.join(map(str, i))} ({s:.2f})" for i, s, ok in zip(ids, scores, valid) if ok][: args.top]
         print(f"{query}\t" + ("\t".join(shown) if shown else "(no allowed ID)"), flush=True)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
