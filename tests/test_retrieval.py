@@ -111,7 +111,7 @@ def test_task_is_seeded_and_encodes_queries():
     assert len({tuple(r) for r in ids.tolist()}) == a.items
     x, y = a.sequences(4, torch.Generator().manual_seed(0))
     assert x.shape == (4, a.query_len + 2 + a.levels - 1) and (y[:, : a.query_len + 1] == -100).all()
-    with pytest.raises(ValueError, match="unknown query words"):
+    with pytest.raises(ValueError, match="unknown: ..dog"):
         a.encode([["cat1", "dog"]])
     with pytest.raises(ValueError, match="items"):
         RetrievalTask(items=10**6)

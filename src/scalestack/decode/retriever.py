@@ -62,6 +62,20 @@ def read_ids(path: str | os.PathLike) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def encode_queries(queries: list[str], stoi: dict[str, int], query_len: int) -> torch.Tensor:
+    """``<bos> words... <none>* <sep>`` per query: the prompt format a retriever is trained and served with."""
+    rows = []
+    for q in queries:
+        words = q.split()
+        unknown = [w for w in words if w not in stoi or w.startswith("<") and w != "<none>"]
+        if unknown or not 1 <= len(words) <= query_len:
+            hint = f"; unknown: {unknown} (words look like cat3, sub7b, var0)" if unknown else ""
+            raise ValueError(f"bad query {q!r}: it needs 1..{query_len} known words{hint}")
+        words += ["<none>"] * (query_len - len(words))
+        rows.append([stoi["<bos>"], *(stoi[w] for w in words), stoi["<sep>"]])
+    return torch.tensor(rows, dtype=torch.long)
+
+
 class Retriever:
     """Serve queries against a checkpoint; :meth:`set_allowed` swaps the constraint set atomically."""
 
@@ -102,19 +116,7 @@ class Retriever:
         return index
 
     def encode(self, queries: list[str]) -> torch.Tensor:
-        """``<bos> words... <none>* <sep>`` per query, as in training."""
-        rows = []
-        for q in queries:
-            words = q.split()
-            unknown = [w for w in words if w not in self.stoi or w.startswith("<") and w != "<none>"]
-            if unknown or not 1 <= len(words) <= self.query_len:
-                raise ValueError(
-                    f"bad query {q!r}: it needs 1..{self.query_len} known words"
-                    + (f"; unknown: {unknown}" if unknown else "")
-                )
-            words += ["<none>"] * (self.query_len - len(words))
-            rows.append([self.stoi["<bos>"], *(self.stoi[w] for w in words), self.stoi["<sep>"]])
-        return torch.tensor(rows, dtype=torch.long)
+        return encode_queries(queries, self.stoi, self.query_len)
 
     @torch.no_grad()
     def retrieve(self, queries: list[str], beams: int = 10, constrained: bool = True) -> BeamSearchResult:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..decode.retriever import encode_queries
+
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<none>"]
 LEVEL_NAMES = ("cat", "sub", "var")
 
@@ -88,18 +90,9 @@ class RetrievalTask:
         return out, ids[pick]
 
     def encode(self, queries: list[list[str]]) -> torch.Tensor:
-        """Prompts ``[n, query_len + 2]``: ``<bos> words... <sep>``; unknown words raise a clear error."""
+        """Prompts ``[n, query_len + 2]`` for word lists, in the format the retriever serves."""
         stoi = {w: i for i, w in enumerate(self.vocab)}
-        rows = []
-        for q in queries:
-            if len(q) > self.query_len or not q:
-                raise ValueError(f"a query has 1..{self.query_len} words, got {len(q)}: {' '.join(q)!r}")
-            unknown = [w for w in q if w not in stoi or w in ("<pad>", "<bos>", "<sep>")]
-            if unknown:
-                raise ValueError(f"unknown query words {unknown}; words look like cat3, sub7b, var0 (see the vocab)")
-            padded = q + ["<none>"] * (self.query_len - len(q))
-            rows.append([stoi["<bos>"], *(stoi[w] for w in padded), stoi["<sep>"]])
-        return torch.tensor(rows, dtype=torch.long)
+        return encode_queries([" ".join(q) for q in queries], stoi, self.query_len)
 
     def sequences(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rows: inputs ``prompt + ID[:-1]`` and targets (-100 except on the ID's tokens)."""
