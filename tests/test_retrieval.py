@@ -115,3 +115,27 @@ def test_task_is_seeded_and_encodes_queries():
         a.encode([["cat1", "dog"]])
     with pytest.raises(ValueError, match="items"):
         RetrievalTask(items=10**6)
+
+
+def test_watch_rebuilds_when_the_allowed_file_changes(trained, capsys, monkeypatch, tmp_path):
+    out, _ = trained
+    items = read_ids(out / "items.ids")
+    allowed = tmp_path / "allowed.ids"
+    write_ids(allowed, items[:600])
+
+    def queries():  # a client: one query, then the rule changes, then the same query again
+        yield "cat1 sub2 var3\n"
+        write_ids(allowed, items[600:])
+        os.utime(allowed, ns=(0, allowed.stat().st_mtime_ns + 10**9))  # a new mtime even on coarse clocks
+        yield "cat1 sub2 var3\n"
+
+    monkeypatch.setattr(sys, "stdin", queries())
+    args = ["retrieve", "--checkpoint", str(out / "retriever.pt"), "--allowed", str(allowed), "--watch", "--top", "3"]
+    assert cli(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.startswith("# allowed: 600 IDs") for line in lines] == [True, False, True, False]
+    first, second = (
+        {tuple(int(c) for c in h.split(" (")[0].split()) for h in line.split("\t")[1:]} for line in lines[1::2]
+    )
+    assert first <= {tuple(r) for r in items[:600].tolist()}
+    assert second <= {tuple(r) for r in items[600:].tolist()}
