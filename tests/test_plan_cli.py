@@ -10,7 +10,7 @@ from scalestack.fsdp.peers import deepspeed_zero3, fsdp1, fsdp2, megatron_fsdp
 from scalestack.models.configs import ConfigError, load_model_shapes
 from scalestack.models.gpt import GPT, GPTConfig
 from scalestack.train.cli import main
-from scalestack.train.plan_command import parse_granularity, plan_model
+from scalestack.train.plan_command import auto_unit, parse_granularity, plan_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -133,3 +133,21 @@ def test_malformed_config(tmp_path):
     bad.write_text(json.dumps({"model_type": "rnn", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 3}))
     with pytest.raises(ConfigError, match="unsupported model_type"):
         load_model_shapes(str(bad))
+
+
+def test_auto_unit_is_the_fewest_blocks_meeting_the_target(capsys):
+    """gpt-oss-120b, 128-row blocks, W=256: per-block units sit on the per-expert floor (31.9%)."""
+    model = load_model_shapes("gpt-oss-120b")
+    gran = parse_granularity("block:128")
+
+    def padding(blocks):
+        return (plan_model(model, 256, gran, blocks, 3, 4)[0].total - model.numel) / model.numel
+
+    blocks, (ours, _, _) = auto_unit(model, 256, gran, 3, 4, 0.01)
+    assert blocks > 1 and padding(blocks) <= 0.01 and padding(blocks // 2) > 0.01
+    assert ours.total == plan_model(model, 256, gran, blocks, 3, 4)[0].total
+    code, out, _ = run_cli(capsys, "gpt-oss-120b", "--world", "256", "--granularity", "block:128", "--unit", "auto",
+                           "--max-buffers", "3")  # fmt: skip
+    assert code == 0 and f"W=256: {blocks} block(s) per unit" in out
+    code, _, err = run_cli(capsys, "llama3-8b", "--unit", "auto", "--target-padding", "-1")
+    assert code == 2 and "--target-padding" in err

@@ -58,6 +58,23 @@ def plan_model(model: ModelShapes, world: int, granularity, blocks_per_unit: int
     return ours, peers, per_unit
 
 
+def auto_unit(model: ModelShapes, world: int, granularity, max_buffers: int, align: int, target: float):
+    """The fewest blocks per unit (1, 2, 4, ...) whose padding is at most ``target`` (a fraction); if none
+    gets there, the size with the least padding. Coarse granules at large W need larger units: their floor
+    falls as a unit's share per rank grows."""
+    best = None
+    size = 1
+    while True:
+        result = plan_model(model, world, granularity, size, max_buffers, align)
+        pad = (result[0].total - model.numel) / model.numel
+        if best is None or pad < best[0]:
+            best = (pad, size, result)
+        if pad <= target or size >= len(model.blocks):
+            break
+        size = min(2 * size, len(model.blocks))
+    return best[1], best[2]
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     try:
         from rich.console import Console
@@ -83,13 +100,20 @@ def run(args: argparse.Namespace) -> int:
     granularity = parse_granularity(args.granularity)
     align = args.align_bytes // 4
     numel = model.numel
+    unit_text = (
+        f"the fewest blocks per unit with padding <= {args.target_padding}%"
+        if args.unit == "auto"
+        else (f"{args.unit} block(s) per unit")
+    )
     print(f"{model.name}: {numel / 1e9:.2f}B parameters, {len(model.blocks)} blocks, granularity {args.granularity}, "
-          f"{args.unit} block(s) per unit, up to {args.max_buffers} buffer(s) per unit")  # fmt: skip
+          f"{unit_text}, up to {args.max_buffers} buffer(s) per unit")  # fmt: skip
     sweep = {}
     for world in args.world:
         t0 = time.perf_counter()
-        ours, peers, per_unit = plan_model(model, world, granularity, args.unit, args.max_buffers, align)
+        blocks, (ours, peers, per_unit) = _plan_world(model, world, granularity, args, align)
         elapsed = time.perf_counter() - t0
+        if args.unit == "auto":
+            print(f"W={world}: {blocks} block(s) per unit")
         sweep[world] = (ours, peers)
         systems = {"scalestack": ours, **peers}
         rows = []
@@ -119,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_world(model: ModelShapes, world: int, granularity, args: argparse.Namespace, align: int):
+    if args.unit == "auto":
+        return auto_unit(model, world, granularity, args.max_buffers, align, args.target_padding / 100)
+    return args.unit, plan_model(model, world, granularity, args.unit, args.max_buffers, align)
+
+
 def plot(model: ModelShapes, sweep: dict, args: argparse.Namespace) -> None:
     try:
         import matplotlib
@@ -132,7 +162,7 @@ def plot(model: ModelShapes, sweep: dict, args: argparse.Namespace) -> None:
         granularity = parse_granularity(args.granularity)
         for w in (2**i for i in range(3, int(math.log2(max(worlds))) + 1)):
             if w not in sweep:
-                ours, peers, _ = plan_model(model, w, granularity, args.unit, args.max_buffers, args.align_bytes // 4)
+                _, (ours, peers, _) = _plan_world(model, w, granularity, args, args.align_bytes // 4)
                 sweep[w] = (ours, peers)
         worlds = sorted(sweep)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -166,7 +196,14 @@ def add_parser(sub) -> None:
     p.add_argument("model")
     p.add_argument("--world", type=_positive, nargs="+", default=[64, 256, 1024], help="world size(s) W")
     p.add_argument("--granularity", default="row", help="element | row | matrix | tensor | block:K | muon")
-    p.add_argument("--unit", type=_positive, default=1, help="blocks per sharded unit (default 1)")
+    p.add_argument(
+        "--unit",
+        type=_unit,
+        default=1,
+        help="blocks per sharded unit (default 1), or auto: per W, the fewest blocks (1, 2, 4, ...) per unit whose "
+        "padding is at most --target-padding",
+    )
+    p.add_argument("--target-padding", type=float, default=1.0, help="percent, for --unit auto (default 1.0)")
     p.add_argument("--max-buffers", type=_positive, default=1, help="buffers (collectives) a unit may use")
     p.add_argument("--align-bytes", type=_positive, default=16, help="alignment of offsets and S, in bytes (fp32)")
     p.add_argument("--per-unit", action="store_true", help="also print every unit")
@@ -178,7 +215,13 @@ def _run_checked(args: argparse.Namespace) -> int:
     parse_granularity(args.granularity)  # fail before any work
     if args.align_bytes % 4:
         raise ValueError("--align-bytes must be a multiple of 4 (fp32 elements)")
+    if not args.target_padding >= 0:
+        raise ValueError(f"--target-padding is a percentage >= 0, got {args.target_padding}")
     return run(args)
+
+
+def _unit(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive(text)
 
 
 def _positive(text: str) -> int:
