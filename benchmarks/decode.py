@@ -57,8 +57,8 @@ class TrieMethod:
         if self.compiled:  # one graph per level (levels are constants); first calls compile
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False)
 
-    def _step(self, level, scores, alive, logprobs, state, beams, vocab):
-        return beam_step(scores, alive, logprobs, self.index.candidates(level, state), beams, vocab)
+    def _step(self, level, scores, logprobs, state, beams):
+        return beam_step(scores, logprobs, self.index.candidates(level, state), beams)
 
     def start(self, n: int):
         return self.index.root_state(n)
@@ -204,18 +204,15 @@ def decode(method, logprobs: list[torch.Tensor], batch: int, beams: int, vocab: 
     """One constrained beam search over precomputed log-probs; returns the IDs and seconds per step."""
     t0 = time.perf_counter()
     scores = torch.zeros(batch, 1)
-    alive = torch.ones(batch, 1, dtype=torch.bool)
     state = method.start(batch)
     ids = torch.zeros(batch, 1, 0, dtype=torch.int64)
     for level, lp in enumerate(logprobs):
         method.level = level
         m = scores.shape[1]
         if hasattr(method, "step"):
-            scores, parent, token, nxt, alive = method.step(level, scores, alive, lp, state, beams, vocab)
+            scores, parent, token, nxt, _ = method.step(level, scores, lp, state, beams)
         else:
-            scores, parent, token, nxt, alive = beam_step(
-                scores, alive, lp, method.candidates(level, state), beams, vocab
-            )
+            scores, parent, token, nxt, _ = beam_step(scores, lp, method.candidates(level, state), beams)
         rows = (parent + torch.arange(batch).unsqueeze(1) * m).flatten()
         state = method.advance(state, rows, token, nxt)
         ids = torch.cat([ids.gather(1, parent.unsqueeze(-1).expand(-1, -1, ids.shape[2])), token.unsqueeze(-1)], 2)

@@ -136,6 +136,14 @@ def test_bad_input_is_named():
         TrieIndex.build(torch.zeros(2, 3, dtype=torch.long), 2**16, dense_levels=3)
     with pytest.raises(ValueError, match="2-D"):
         TrieIndex.build(torch.zeros(4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        TrieIndex.build(torch.zeros(2, 2, dtype=torch.long), True)
+    unsigned = TrieIndex.build(torch.tensor([[3, 1], [0, 2]], dtype=torch.uint8), 300)
+    assert unsigned.contains(torch.tensor([[3, 1], [0, 1]], dtype=torch.uint8)).tolist() == [True, False]
+    with pytest.raises(TypeError, match="integer codes"):
+        unsigned.contains(torch.tensor([[3.0, 1.0]]))
+    with pytest.raises(ValueError, match="1-D"):
+        unsigned.candidates(0, torch.zeros(2, 2, dtype=torch.long))
 
 
 def test_save_load_memory_mapped(tmp_path):
@@ -144,8 +152,13 @@ def test_save_load_memory_mapped(tmp_path):
     index.save(tmp_path / "c.trie")
     loaded = TrieIndex.load(tmp_path / "c.trie")
     assert loaded.nbytes == index.nbytes and loaded.max_branches == index.max_branches
+    assert all(torch.equal(a, b) for a, b in zip(loaded._tensors(), index._tensors()))
     every = torch.tensor(list(itertools.product(range(7), repeat=5)))[::7]
     assert torch.equal(loaded.contains(every), index.contains(every))
+    # a server still maps the old file while a rule update rewrites it: the old index keeps its bytes
+    TrieIndex.build(random_ids(50, 5, 7, seed=9), 7).save(tmp_path / "c.trie")
+    assert torch.equal(loaded.contains(every), index.contains(every))
+    assert TrieIndex.load(tmp_path / "c.trie").num_ids <= 50
     (tmp_path / "bad.trie").write_bytes(b"not an index")
     with pytest.raises(ValueError, match="not a scalestack TrieIndex"):
         TrieIndex.load(tmp_path / "bad.trie")
@@ -221,6 +234,14 @@ def test_beam_search_bad_input():
         constrained_beam_search(torch.nn.Linear(2, 2), torch.tensor([[1]]), index, 2)
     with pytest.raises(ValueError, match="length= and vocab_size="):
         constrained_beam_search(model, torch.tensor([[1]]), None, 2)
+    with pytest.raises(ValueError, match="same model token"):
+        constrained_beam_search(model, torch.tensor([[1]]), index, 2, token_map=torch.tensor([0, 1, 1, 2]))
+    with pytest.raises(ValueError, match="block_size"):
+        constrained_beam_search(model, torch.zeros(1, 16, dtype=torch.long), index, 2)
+    with pytest.raises(ValueError, match="beams must be a positive int"):
+        constrained_beam_search(model, torch.tensor([[1]]), index, True)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        constrained_beam_search(model, torch.tensor([[1]]), None, 2, length=2, vocab_size=0)
     with pytest.raises(ValueError, match=r"index.to\(device\)"):
         constrained_beam_search(model, torch.tensor([[1]]), index.to("meta"), 2)
     moved = index.to("meta")
@@ -267,28 +288,63 @@ def test_hf_beam_search_with_left_padding_equals_brute_force(llama):
 
 
 def test_hf_generate_with_trie_logits_processor(llama):
+    """HF's own beam search with our processor returns exactly our beams and scores (no length penalty)."""
     from transformers import LogitsProcessorList
 
     vocab, length, beams = 5, 3, 4
     token_map = torch.arange(length * vocab).view(length, vocab) + 10
     ids = random_ids(30, length, vocab, seed=7)
     index = TrieIndex.build(ids, vocab)
-    prompts = torch.tensor([[1, 5, 6, 7], [1, 9, 8, 3]])
+    prompts = torch.tensor([[1, 5, 6, 7], [0, 1, 9, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
     with torch.no_grad():
         out = llama.generate(
             prompts,
-            attention_mask=torch.ones_like(prompts),
+            attention_mask=mask,
             num_beams=beams,
             num_return_sequences=beams,
             max_new_tokens=length,
             do_sample=False,
+            length_penalty=0.0,
+            output_scores=True,
+            return_dict_in_generate=True,
             logits_processor=LogitsProcessorList([TrieLogitsProcessor(index, 4, token_map)]),
             pad_token_id=0,
         )
-        ours = constrained_beam_search(llama, prompts, index, beams, token_map=token_map)
-    codes = (out[:, 4:] - 10) - torch.arange(length) * vocab
+        ours = constrained_beam_search(llama, prompts, index, beams, token_map=token_map, attention_mask=mask)
+    codes = (out.sequences[:, 4:] - 10) - torch.arange(length) * vocab
     assert index.contains(codes).all()  # 100% valid
-    assert codes.view(2, beams, length)[:, 0].tolist() == ours.ids[:, 0].tolist()  # same best ID per prompt
+    assert codes.view(2, beams, length).tolist() == ours.ids.tolist()
+    torch.testing.assert_close(out.sequences_scores.view(2, beams), ours.scores, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="same rows"):
+        TrieLogitsProcessor(index, 4, token_map)(prompts, torch.zeros(3, 40))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        TrieLogitsProcessor(index, 4, token_map, eos_token_id=99)(prompts, torch.zeros(2, 40))
+
+
+def test_hf_absolute_positions_with_left_padding():
+    """GPT-2 has absolute position embeddings, so wrong position ids for left-padded rows would show."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
+    vocab, length, beams = 5, 3, 3
+    token_map = torch.arange(length * vocab).view(length, vocab) + 10
+    ids = random_ids(30, length, vocab, seed=2)
+    index = TrieIndex.build(ids, vocab)
+    with torch.no_grad():
+        padded = constrained_beam_search(
+            gpt2, torch.tensor([[0, 0, 3, 4]]), index, beams, token_map=token_map,
+            attention_mask=torch.tensor([[0, 0, 1, 1]]),
+        )  # fmt: skip
+        alone = constrained_beam_search(gpt2, torch.tensor([[3, 4]]), index, beams, token_map=token_map)
+        with pytest.raises(ValueError, match="left-padded"):
+            constrained_beam_search(
+                gpt2, torch.tensor([[3, 4, 0]]), index, beams, token_map=token_map,
+                attention_mask=torch.tensor([[1, 1, 0]]),
+            )  # fmt: skip
+    assert padded.ids.tolist() == alone.ids.tolist()
+    torch.testing.assert_close(padded.scores, alone.scores, atol=1e-4, rtol=1e-5)
 
 
 def test_decoding_step_compiles_without_graph_breaks():
@@ -298,17 +354,61 @@ def test_decoding_step_compiles_without_graph_breaks():
     ids = random_ids(200, 4, 9, seed=4)
     index = TrieIndex.build(ids, 9, dense_levels=1)
 
-    def step(level, scores, alive, logprobs, state):
-        return beam_step(scores, alive, logprobs, index.candidates(level, state), 5, 9)
+    def step(level, scores, logprobs, state):
+        return beam_step(scores, logprobs, index.candidates(level, state), 5)
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
-    scores, alive = torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
-    state = index.root_state(2)
+    scores, state = torch.zeros(2, 1), index.root_state(2)
     for level in range(4):
         lp = torch.log_softmax(torch.randn(scores.numel(), 9), -1)
-        want = step(level, scores, alive, lp, state)
-        got = compiled(level, scores, alive, lp, state)
+        want = step(level, scores, lp, state)
+        got = compiled(level, scores, lp, state)
         for a, b in zip(want, got):
             assert torch.equal(a, b)
-        scores, _, _, state, alive = want
+        scores, _, _, state, _ = want
         state = state.flatten()
+
+
+def test_dead_beams_never_carry_the_padding_token(monkeypatch):
+    """Which -inf slot top-k picks is unspecified: with ties broken towards the padding slots, a dead beam
+    must still get an in-range token and state (a CUDA gather on token V would fault)."""
+    from scalestack.decode import beam_step
+
+    index = TrieIndex.build(torch.tensor([[0, 0], [0, 1], [1, 0]]), 2, dense_levels=1)
+    cand = index.candidates(1, torch.tensor([1, 0]))  # the last node has one child: its second slot is padding (2)
+    assert int(cand.tokens[0, 1]) == 2 and not bool(cand.valid[0, 1])
+    real_topk = torch.Tensor.topk
+
+    def ties_to_padding(t, k, dim=-1, *a, **kw):  # a legal top-k that prefers the last -inf slots
+        flipped = real_topk(t.flip(dim), k, dim, *a, **kw)
+        return torch.return_types.topk((flipped.values, t.shape[dim] - 1 - flipped.indices))
+
+    monkeypatch.setattr(torch.Tensor, "topk", ties_to_padding)
+    scores, _, token, state, alive = beam_step(torch.zeros(1, 2), torch.zeros(2, 2), cand, 4)
+    assert alive.tolist() == [[True, True, True, False]]
+    assert token.max() < 2 and state.max() < index.level_sizes[2] and scores[0, 3] == float("-inf")
+
+
+def test_allowed_ids_the_model_rules_out_are_still_found():
+    """An allowed code with log-prob -inf at two levels counts FLOOR twice: finite, valid, ranked last."""
+
+    class Banned:  # a decoder that bans code 1 at every level, history-free
+        def prefill(self, prompts, attention_mask):
+            self.rows = prompts.shape[0]
+            return self.logits()
+
+        def logits(self):
+            return torch.tensor([[0.0, float("-inf")]]).expand(self.rows, 2)
+
+        def step(self, tokens):
+            self.rows = tokens.shape[0]
+            return self.logits()
+
+        def reorder(self, rows):
+            pass
+
+    index = TrieIndex.build(torch.tensor([[1, 1, 1], [0, 0, 0]]), 2)
+    res = constrained_beam_search(Banned(), torch.tensor([[0]]), index, 3)
+    assert res.ids[0].tolist() == [[0, 0, 0], [1, 1, 1], [-1, -1, -1]]
+    assert res.valid[0].tolist() == [True, True, False]
+    assert res.scores[0, 0] == 0 and -1e31 < res.scores[0, 1] < -1e30 and res.scores[0, 2] == float("-inf")

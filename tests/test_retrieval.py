@@ -123,19 +123,25 @@ def test_watch_rebuilds_when_the_allowed_file_changes(trained, capsys, monkeypat
     allowed = tmp_path / "allowed.ids"
     write_ids(allowed, items[:600])
 
-    def queries():  # a client: one query, then the rule changes, then the same query again
+    def touch():  # a new mtime even on coarse clocks
+        os.utime(allowed, ns=(0, allowed.stat().st_mtime_ns + 10**9))
+
+    def queries():  # a client; between its queries the rule changes: once caught mid-write, then for real
+        yield "cat1 sub2 var3\n"
+        allowed.write_text("1 2 3\n4 5\n")
+        touch()
         yield "cat1 sub2 var3\n"
         write_ids(allowed, items[600:])
-        os.utime(allowed, ns=(0, allowed.stat().st_mtime_ns + 10**9))  # a new mtime even on coarse clocks
+        touch()
         yield "cat1 sub2 var3\n"
 
     monkeypatch.setattr(sys, "stdin", queries())
     args = ["retrieve", "--checkpoint", str(out / "retriever.pt"), "--allowed", str(allowed), "--watch", "--top", "3"]
     assert cli(args) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.startswith("# allowed: 600 IDs") for line in lines] == [True, False, True, False]
-    first, second = (
-        {tuple(int(c) for c in h.split(" (")[0].split()) for h in line.split("\t")[1:]} for line in lines[1::2]
-    )
-    assert first <= {tuple(r) for r in items[:600].tolist()}
-    assert second <= {tuple(r) for r in items[600:].tolist()}
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.startswith("# allowed: 600 IDs") for line in lines] == [True, False, False, True, False]
+    assert "keeping the previous allowed set" in captured.err and "allowed.ids:2" in captured.err
+    answers = [{tuple(int(c) for c in h.split(" (")[0].split()) for h in line.split("\t")[1:]} for line in lines]
+    old, new = {tuple(r) for r in items[:600].tolist()}, {tuple(r) for r in items[600:].tolist()}
+    assert answers[1] <= old and answers[2] == answers[1] and answers[4] <= new

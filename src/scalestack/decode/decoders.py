@@ -35,9 +35,15 @@ class GPTDecoder:
     def prefill(self, prompts: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("scalestack GPT prompts cannot be padded: pass prompts of equal length")
-        budget = self.model.cfg.block_size - prompts.shape[1]
-        room = budget if self.max_new_tokens is None else min(budget, self.max_new_tokens)
-        self.cache = self.model.new_cache(prompts.shape[0], prompts.shape[1] + max(room, 0))
+        block = self.model.cfg.block_size
+        room = block - prompts.shape[1] if self.max_new_tokens is None else self.max_new_tokens
+        if prompts.shape[1] + room > block:
+            raise ValueError(
+                f"a prompt of {prompts.shape[1]} tokens plus {room} decoded tokens exceeds the model's block_size "
+                f"{block}: shorten the prompts"
+            )
+        # a cache only as long as this search needs: beam reorders copy all of it every step
+        self.cache = self.model.new_cache(prompts.shape[0], prompts.shape[1] + room)
         return self.model(prompts, cache=self.cache)[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -53,7 +59,9 @@ class HFDecoder:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         # transformers 5.x renames ``past_key_values`` to ``cache`` (argument and output); accept both
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no [B, P, vocab] logits
         self.cache = None
         self.mask = None
         self.position = None
@@ -62,8 +70,12 @@ class HFDecoder:
         mask = torch.ones_like(prompts) if attention_mask is None else attention_mask.long()
         if mask.shape != prompts.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal prompts {tuple(prompts.shape)}")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded (the last position of every row real): decoding appends")
         position = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=prompts, attention_mask=mask, position_ids=position, use_cache=True)
+        out = self.model(
+            input_ids=prompts, attention_mask=mask, position_ids=position, use_cache=True, **self.last_only
+        )
         self.cache, self.mask, self.position = getattr(out, self.cache_arg), mask, position[:, -1]
         return out.logits[:, -1]
 
@@ -88,10 +100,10 @@ class HFDecoder:
         self.mask, self.position = self.mask.index_select(0, rows), self.position.index_select(0, rows)
 
 
-def as_decoder(model: object) -> Decoder:
+def as_decoder(model: object, max_new_tokens: int | None = None) -> Decoder:
     """Wrap a model for incremental decoding; a :class:`Decoder` passes through."""
     if isinstance(model, GPT):
-        return GPTDecoder(model)
+        return GPTDecoder(model, max_new_tokens)
     if hasattr(model, "prepare_inputs_for_generation") and isinstance(model, torch.nn.Module):
         return HFDecoder(model)
     if isinstance(model, Decoder):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import token_map_for
 from .trie_index import TrieIndex
 
 try:  # subclassing makes isinstance checks in transformers happy; the protocol is only __call__
@@ -33,14 +34,11 @@ class TrieLogitsProcessor(_Base):
     ):
         if not isinstance(index, TrieIndex):
             raise TypeError(f"index must be a TrieIndex, got {type(index).__name__}")
-        if not isinstance(prompt_length, int) or prompt_length < 0:
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
             raise ValueError(f"prompt_length must be a non-negative int, got {prompt_length!r}")
-        L, V = index.length, index.vocab_size
-        token_map = torch.arange(V).expand(L, V) if token_map is None else torch.as_tensor(token_map).long()
-        if token_map.dim() == 1:
-            token_map = token_map.expand(L, -1)
-        if tuple(token_map.shape) != (L, V):
-            raise ValueError(f"token_map must be [{L}, {V}] or [{V}], got {tuple(token_map.shape)}")
+        if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+            raise ValueError(f"eos_token_id must be an int token id or None, got {eos_token_id!r}")
+        token_map = token_map_for(token_map, index.length, index.vocab_size, "cpu")
         self.index, self.prompt_length, self.token_map, self.eos = index, prompt_length, token_map, eos_token_id
         self._codes: torch.Tensor | None = None  # per level: model token -> code (-1 if not a code)
 
@@ -49,11 +47,19 @@ class TrieLogitsProcessor(_Base):
             if int(self.token_map.max()) >= vocab:
                 raise ValueError(f"token_map names token {int(self.token_map.max())} beyond the vocabulary ({vocab})")
             codes = torch.full((self.index.length, vocab), -1, dtype=torch.int64)
-            codes.scatter_(1, self.token_map, torch.arange(self.index.vocab_size).expand_as(self.token_map))
+            token_map = self.token_map.cpu()
+            codes.scatter_(1, token_map, torch.arange(self.index.vocab_size).expand_as(token_map))
             self._codes, self.token_map = codes.to(device), self.token_map.to(device)
         return self._codes
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2 or scores.dim() != 2 or input_ids.shape[0] != scores.shape[0]:
+            raise ValueError(
+                f"input_ids [rows, len] and scores [rows, vocab] must have the same rows, got "
+                f"{tuple(input_ids.shape)} and {tuple(scores.shape)}"
+            )
+        if self.eos is not None and not 0 <= self.eos < scores.shape[1]:
+            raise ValueError(f"eos_token_id {self.eos} is outside the vocabulary ({scores.shape[1]} tokens)")
         level = input_ids.shape[1] - self.prompt_length
         if level < 0:
             raise ValueError(f"input_ids are shorter ({input_ids.shape[1]}) than prompt_length {self.prompt_length}")

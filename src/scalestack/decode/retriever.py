@@ -53,6 +53,8 @@ def read_ids(path: str | os.PathLike) -> torch.Tensor:
             rows.append([int(t) for t in line.split()])
         except ValueError:
             raise ValueError(f"{path}:{n}: an ID is integer codes separated by spaces, got {line!r}") from None
+        if any(not 0 <= c < 2**31 for c in rows[-1]):
+            raise ValueError(f"{path}:{n}: codes are non-negative and below 2**31, got {line!r}")
         if len(rows[-1]) != len(rows[0]):
             raise ValueError(
                 f"{path}:{n}: every ID needs {len(rows[0])} codes (as on the first line), got {len(rows[-1])}"

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .checks import integer_codes, positive_int
 
 FORMAT = "scalestack.TrieIndex/1"
 DENSE_TABLE_LIMIT = 2**31  # entries; V**dense_levels beyond this cannot be indexed with int32 states
@@ -181,25 +184,35 @@ class TrieIndex:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to one file that :meth:`load` memory-maps."""
+        """Write the index to one file that :meth:`load` memory-maps.
+
+        The file is written beside ``path`` and renamed over it, so an index still mapped from an older
+        file at ``path`` (a server between two rule updates) keeps reading its own bytes.
+        """
         if self.device.type != "cpu":
             return self.to("cpu").save(path)
-        torch.save(
-            {
-                "format": FORMAT,
-                "vocab_size": self.vocab_size,
-                "length": self.length,
-                "dense_levels": self.dense_levels,
-                "num_ids": self.num_ids,
-                "dense_masks": self.dense_masks,
-                "dense_states": self.dense_states,
-                "indptr": self.indptr,
-                "tokens": self.tokens,
-                "level_sizes": self.level_sizes,
-                "max_branches": self.max_branches,
-            },
-            path,
-        )
+        path = Path(path)
+        data = {
+            "format": FORMAT,
+            "vocab_size": self.vocab_size,
+            "length": self.length,
+            "dense_levels": self.dense_levels,
+            "num_ids": self.num_ids,
+            "dense_masks": self.dense_masks,
+            "dense_states": self.dense_states,
+            "indptr": self.indptr,
+            "tokens": self.tokens,
+            "level_sizes": self.level_sizes,
+            "max_branches": self.max_branches,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(data, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> TrieIndex:
@@ -236,6 +249,8 @@ class TrieIndex:
         ``[n, width(level)]``. Gathers only: no host sync, no branch on data."""
         if not 0 <= level < self.length:
             raise ValueError(f"level must be in [0, {self.length}), got {level}")
+        if state.dim() != 1:
+            raise ValueError(f"state must be 1-D [n] (one state per beam), got shape {tuple(state.shape)}")
         V = self.vocab_size
         if level < self.dense_levels:  # the state is the prefix code: one table row per beam
             slots = torch.arange(V, device=state.device).expand(state.shape[0], V)
@@ -263,41 +278,50 @@ class TrieIndex:
 
     def walk(self, prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """States reached by ``prefixes[n, l]`` and whether each prefix is in the trie (``found[n]``)."""
+        prefixes = integer_codes(prefixes, "prefixes")
         if prefixes.dim() != 2 or prefixes.shape[1] > self.length:
             raise ValueError(f"prefixes must be [n, l] with l <= {self.length}, got shape {tuple(prefixes.shape)}")
-        state = self.root_state(prefixes.shape[0], prefixes.device)
-        found = torch.ones(prefixes.shape[0], dtype=torch.bool, device=prefixes.device)
+        n, V = prefixes.shape[0], self.vocab_size
+        found = ((prefixes >= 0) & (prefixes < V)).all(1)
+        prefixes = prefixes.clamp(0, V - 1)
+        state = self.root_state(n, prefixes.device)
         for level in range(prefixes.shape[1]):
-            token = prefixes[:, level].long()
-            cand = self.candidates(level, state)
-            match = (cand.tokens == token.unsqueeze(1)) & cand.valid
-            found &= match.any(1)
-            nxt = cand.next_state.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1).long()
-            state = torch.where(found, nxt, 0)
+            token = prefixes[:, level]
+            if level < self.dense_levels:  # one table entry per prefix, not a row of V candidates
+                code = state * V + token
+                if level < self.dense_levels - 1:
+                    found &= self.dense_masks[level][code]
+                    state = code
+                else:
+                    nxt = self.dense_states[code].long()
+                    found &= nxt >= 0
+                    state = nxt.clamp_min(0)
+            else:
+                cand = self.candidates(level, state)
+                match = (cand.tokens == token.unsqueeze(1)) & cand.valid
+                found &= match.any(1)
+                state = cand.next_state.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1).long()
+            state = torch.where(found, state, 0)
         return state, found
 
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
         """``bool[n]``: which rows of ``ids[n, length]`` are allowed IDs."""
-        if ids.dim() != 2 or ids.shape[1] != self.length:
-            raise ValueError(f"ids must be [n, {self.length}], got shape {tuple(ids.shape)}")
-        in_range = ((ids >= 0) & (ids < self.vocab_size)).all(1)
-        return self.walk(ids.clamp(0, self.vocab_size - 1))[1] & in_range
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != self.length:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be [n, {self.length}], got {shape}")
+        return self.walk(ids)[1]
 
 
 # ---------------------------------------------------------------------- helpers
 def _check_build_args(ids: torch.Tensor, vocab_size: int, dense_levels: int) -> tuple[torch.Tensor, int, int]:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids must be a LongTensor [N, L], got {type(ids).__name__}")
+    ids = integer_codes(ids, "ids")
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"ids must be a 2-D tensor [N, L] with L >= 1, got shape {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"ids must hold integer codes, got dtype {ids.dtype}")
     if ids.shape[0] == 0:
         raise ValueError("the constraint set is empty: pass at least one allowed ID (an empty set allows nothing)")
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    vocab_size = positive_int(vocab_size, "vocab_size")
     length = ids.shape[1]
-    if not isinstance(dense_levels, int) or not 0 <= dense_levels <= length:
+    if isinstance(dense_levels, bool) or not isinstance(dense_levels, int) or not 0 <= dense_levels <= length:
         raise ValueError(f"dense_levels must be an int in [0, {length}] (the ID length), got {dense_levels!r}")
     if vocab_size**dense_levels > DENSE_TABLE_LIMIT:
         raise ValueError(

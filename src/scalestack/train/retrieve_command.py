@@ -42,12 +42,19 @@ def run(args: argparse.Namespace) -> int:
         nonlocal seen_mtime
         if args.unconstrained:
             return
-        mtime = args.allowed.stat().st_mtime_ns
-        if mtime == seen_mtime:
+        try:
+            mtime = args.allowed.stat().st_mtime_ns
+            if mtime == seen_mtime:
+                return
+            seen_mtime = mtime  # a bad update is retried at the file's next change, not at every query
+            t0 = time.perf_counter()
+            index = retriever.set_allowed(args.allowed)
+        except (OSError, ValueError) as e:
+            if retriever.index is None:
+                raise
+            # e.g. a file caught mid-write: keep serving the last good set
+            print(f"scalestack retrieve: keeping the previous allowed set: {e}", file=sys.stderr, flush=True)
             return
-        t0 = time.perf_counter()
-        index = retriever.set_allowed(args.allowed)
-        seen_mtime = mtime
         if args.save_index:
             index.save(args.save_index)
         print(
