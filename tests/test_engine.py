@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
 
 import pytest
 import torch
@@ -77,16 +79,23 @@ def make_opt(kind: str, params):
     return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
 
 
-def train_case(rank, world, group, opt_kind, steps, shard_kwargs=None, setup=None):
+def kit(name: str | None):
+    """The model a case trains: this module's GPT, or another test module's ``make_models``, ``shard``,
+    ``batches`` and optional ``report(model) -> dict`` (passed by module name: modules do not pickle)."""
+    return importlib.import_module(name) if name else sys.modules[__name__]
+
+
+def train_case(rank, world, group, opt_kind, steps, shard_kwargs=None, setup=None, kit_name=None):
     """Train sharded and reference side by side; return per-step losses, final parameter errors, traffic."""
-    ref, model = make_models()
-    shard(model, group, **(shard_kwargs or {}))
+    k = kit(kit_name)
+    ref, model = k.make_models()
+    k.shard(model, group, **(shard_kwargs or {}))
     if setup is not None:
         setup(model)
     opt, ref_opt = make_opt(opt_kind, model.parameters()), make_opt(opt_kind, ref.parameters())
     ss.reset_traffic()
     losses = []
-    for x, y in batches(steps):
+    for x, y in k.batches(steps):
         loss = model(local(x, rank, world), local(y, rank, world))
         loss.backward()
         opt.step()
@@ -96,7 +105,8 @@ def train_case(rank, world, group, opt_kind, steps, shard_kwargs=None, setup=Non
         ref_opt.step()
         ref_opt.zero_grad()
         losses.append((global_mean(loss, group, world), ref_loss.item()))
-    return {"losses": losses, "errors": param_errors(model, ref), "traffic": ss.traffic().as_dict()}
+    out = {"losses": losses, "errors": param_errors(model, ref), "traffic": ss.traffic().as_dict()}
+    return out | (k.report(model) if hasattr(k, "report") else {})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -192,11 +202,12 @@ def test_traffic_is_one_collective_per_unit_and_zero_copy(pool):
     assert t["copy_bytes"] == 0
 
 
-def accumulation_case(rank, world, group, micro):
-    ref, model = make_models()
-    shard(model, group)
+def accumulation_case(rank, world, group, micro, kit_name=None):
+    k = kit(kit_name)
+    ref, model = k.make_models()
+    k.shard(model, group)
     opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
-    x, y = next(batches(1))
+    x, y = next(k.batches(1))
     xl, yl = local(x, rank, world), local(y, rank, world)
     ss.reset_traffic()
     for i in range(micro):
@@ -207,11 +218,11 @@ def accumulation_case(rank, world, group, micro):
     opt.step()
     ref(x, y).backward()
     ref_opt.step()
-    return reduces, param_errors(model, ref)
+    return reduces, param_errors(model, ref), (k.report(model) if hasattr(k, "report") else {})
 
 
 def test_gradient_accumulation_equals_one_large_batch(pool):
-    reduces, errors = pool.run(accumulation_case, 3, 4)[0]
+    reduces, errors, _ = pool.run(accumulation_case, 3, 4)[0]
     assert reduces == CFG.n_layer + 1  # one reduce-scatter per unit, on the last micro-batch only
     assert max(errors.values()) < 1e-6
 

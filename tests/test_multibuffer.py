@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_engine import global_mean, local, make_opt, param_errors
+from test_engine import accumulation_case, local, make_opt, param_errors, train_case
 
 import scalestack as ss
 from scalestack.fsdp import collectives as comm
@@ -82,33 +82,17 @@ def test_planner_splits_the_block():
     assert sorted(i for b in split.buffers for i in b.tensor_indices) == list(range(len(BLOCK_SHAPES)))
 
 
-def train_case(rank, world, group, opt_kind, steps, shard_kwargs=None):
-    ref, model = make_models()
-    shard(model, group, **(shard_kwargs or {}))
-    opt, ref_opt = make_opt(opt_kind, model.parameters()), make_opt(opt_kind, ref.parameters())
-    ss.reset_traffic()
-    losses = []
-    for x, y in batches(steps):
-        loss = model(local(x, rank, world), local(y, rank, world))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ref_loss = ref(x, y)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        losses.append((global_mean(loss, group, world), ref_loss.item()))
-    return {
-        "losses": losses,
-        "errors": param_errors(model, ref),
-        "traffic": ss.traffic().as_dict(),
-        "buffers": buffer_counts(model),
-    }
+def report(model: Net) -> dict:
+    """What test_engine's cases add to their results for this model (see test_engine.kit)."""
+    return {"buffers": buffer_counts(model)}
+
+
+KIT = __name__  # test_engine's cases build, shard and feed this module's model
 
 
 @pytest.mark.parametrize("world", [1, 3, 4])
 def test_sgd_matches_unsharded(pool, world):
-    out = pool.run(train_case, world, "sgd", STEPS)[0]
+    out = pool.run(train_case, world, "sgd", STEPS, None, None, KIT)[0]
     if world == 3:
         assert all(n >= 2 for n in out["buffers"][0]), out["buffers"]
     worst = max(out["errors"].items(), key=lambda kv: kv[1])
@@ -118,7 +102,7 @@ def test_sgd_matches_unsharded(pool, world):
 
 @pytest.mark.parametrize("world", [3, 4])
 def test_adamw_matches_unsharded(pool, world):
-    out = pool.run(train_case, world, "adamw", STEPS)[0]
+    out = pool.run(train_case, world, "adamw", STEPS, None, None, KIT)[0]
     for step, (loss, ref_loss) in enumerate(out["losses"]):
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (step, loss, ref_loss)
     worst = max(out["errors"].items(), key=lambda kv: kv[1])
@@ -127,8 +111,8 @@ def test_adamw_matches_unsharded(pool, world):
 
 def bf16_case(rank, world, group):
     mp = ss.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    split = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp})
-    one = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp, "max_buffers": 1})
+    split = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp}, kit_name=KIT)
+    one = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp, "max_buffers": 1}, kit_name=KIT)
     return split, one
 
 
@@ -202,27 +186,10 @@ def test_all_gathers_issued_before_any_wait(pool):
     assert events == ["issue"] * n + ["wait"] * n
 
 
-def accumulation_case(rank, world, group, micro):
-    ref, model = make_models()
-    shard(model, group)
-    opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
-    x, y = next(batches(1))
-    xl, yl = local(x, rank, world), local(y, rank, world)
-    ss.reset_traffic()
-    for i in range(micro):
-        model.set_requires_gradient_sync(i == micro - 1)
-        n = xl.shape[0] // micro
-        (model(xl[i * n : (i + 1) * n], yl[i * n : (i + 1) * n]) / micro).backward()
-    reduces = ss.traffic().reduce_scatters
-    opt.step()
-    ref(x, y).backward()
-    ref_opt.step()
-    blocks, root = buffer_counts(model)
-    return reduces, sum(blocks) + root, param_errors(model, ref)
-
-
 def test_gradient_accumulation_reduces_once_per_buffer(pool):
-    reduces, n_buffers, errors = pool.run(accumulation_case, 3, 2)[0]
+    reduces, errors, extra = pool.run(accumulation_case, 3, 2, KIT)[0]
+    blocks, root = extra["buffers"]
+    n_buffers = sum(blocks) + root
     assert n_buffers > N_BLOCKS + 1  # the blocks are split
     assert reduces == n_buffers  # one reduce-scatter per buffer, on the last micro-batch only
     assert max(errors.values()) < 1e-6
