@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_engine import accumulation_case, local, make_opt, param_errors, train_case
+from test_engine import accumulation_case, local, state_dict_case, train_case
 
 import scalestack as ss
 from scalestack.fsdp import collectives as comm
@@ -195,36 +195,10 @@ def test_gradient_accumulation_reduces_once_per_buffer(pool):
     assert max(errors.values()) < 1e-6
 
 
-def state_dict_case(rank, world, group):
-    ref, model = make_models()
-    shard(model, group)
-    opt, ref_opt = make_opt("sgd", model.parameters()), make_opt("sgd", ref.parameters())
-    data = list(batches(5))
-    for x, y in data[:3]:
-        model(local(x, rank, world), local(y, rank, world)).backward()
-        opt.step(), opt.zero_grad()
-        ref(x, y).backward()
-        ref_opt.step(), ref_opt.zero_grad()
-    saved = {k: v.clone() for k, v in ss.full_state_dict(model).items()}
-    errors_saved = param_errors(model, ref)
-    _, fresh = make_models(seed=123)
-    shard(fresh, group)
-    ss.load_full_state_dict(fresh, saved)
-    reloaded = ss.full_state_dict(fresh)
-    exact = all(torch.equal(reloaded[k], saved[k]) for k in saved)
-    opt = make_opt("sgd", fresh.parameters())
-    for x, y in data[3:]:
-        fresh(local(x, rank, world), local(y, rank, world)).backward()
-        opt.step(), opt.zero_grad()
-        ref(x, y).backward()
-        ref_opt.step(), ref_opt.zero_grad()
-    return errors_saved, exact, param_errors(fresh, ref)
-
-
 def test_full_state_dict_round_trip(pool):
-    errors_saved, exact, errors_after = pool.run(state_dict_case, 3)[0]
+    errors_saved, exact, shared, errors_after = pool.run(state_dict_case, 3, KIT)[0]
     assert max(errors_saved.values()) < 1e-6
-    assert exact
+    assert exact and not shared
     assert max(errors_after.values()) < 1e-6
 
 
