@@ -181,19 +181,22 @@ def test_bf16_mixed_precision_close_to_fp32(pool):
     assert t["copy_bytes"] == t["all_gather_bytes"] // 2 + t["reduce_scatter_bytes"]
 
 
-def traffic_case(rank, world, group):
-    ref, model = make_models()
-    shard(model, group)
-    x, y = next(batches(1))
+def traffic_case(rank, world, group, kit_name=None):
+    """One step's traffic, and the bytes of every flat buffer of the block units and of the root unit."""
+    k = kit(kit_name)
+    _, model = k.make_models()
+    k.shard(model, group)
+    x, y = next(k.batches(1))
     ss.reset_traffic()
     model(local(x, rank, world), local(y, rank, world)).backward()
-    sizes = [ss.layout(m).total_size * 4 for m in model.layers]
-    root = ss.layout(model).total_size * 4
-    return ss.traffic().as_dict(), sizes, root
+    root, *blocks = ([b.layout.total_size * 4 for b in u.buffers] for u in units(model))  # outermost first
+    return ss.traffic().as_dict(), blocks, root
 
 
 def test_traffic_is_one_collective_per_unit_and_zero_copy(pool):
-    t, block_bytes, root_bytes = pool.run(traffic_case, 3)[0]
+    t, blocks, root = pool.run(traffic_case, 3)[0]
+    assert all(len(b) == 1 for b in blocks + [root])  # one flat buffer per unit by default
+    block_bytes, root_bytes = [b[0] for b in blocks], root[0]
     # blocks: gathered in forward and again in backward; root: once (kept for backward)
     assert t["all_gathers"] == 2 * len(block_bytes) + 1
     assert t["all_gather_bytes"] == 2 * sum(block_bytes) + root_bytes

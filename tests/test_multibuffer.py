@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_engine import accumulation_case, local, state_dict_case, train_case
+from test_engine import accumulation_case, local, state_dict_case, traffic_case, train_case
 
 import scalestack as ss
 from scalestack.fsdp import collectives as comm
@@ -133,19 +133,8 @@ def test_bf16_mixed_precision_close_to_fp32(pool):
     assert t["copy_bytes"] == t["all_gather_bytes"] // 3 + t["reduce_scatter_bytes"]
 
 
-def traffic_case(rank, world, group):
-    _, model = make_models()
-    shard(model, group)
-    x, y = next(batches(1))
-    ss.reset_traffic()
-    model(local(x, rank, world), local(y, rank, world)).backward()
-    blocks = [[b.total_size * 4 for b in ss.layout(m).buffers] for m in model.blocks]
-    root = [b.total_size * 4 for b in ss.layout(model).buffers]
-    return ss.traffic().as_dict(), blocks, root
-
-
 def test_traffic_is_one_collective_per_buffer_and_zero_copy(pool):
-    t, blocks, root = pool.run(traffic_case, 3)[0]
+    t, blocks, root = pool.run(traffic_case, 3, KIT)[0]
     assert all(len(b) >= 2 for b in blocks)
     block_buffers, block_bytes = sum(len(b) for b in blocks), sum(sum(b) for b in blocks)
     # blocks: gathered in forward and again in backward; root: once (kept for backward)

@@ -72,11 +72,10 @@ class TrieLogitsProcessor(_Base):
             return scores + mask
         codes = self._code_table(scores.shape[1], scores.device)
         generated = input_ids[:, self.prompt_length :]
-        prefix = codes[torch.arange(level, device=scores.device), generated] if level else generated
-        on_code = (prefix >= 0).all(1)
-        state, found = self.index.walk(prefix.clamp_min(0))
+        prefix = codes[torch.arange(level, device=scores.device), generated]  # -1: not a code, walk rejects it
+        state, found = self.index.walk(prefix)
         cand = self.index.candidates(level, state)
-        allowed = cand.valid & (found & on_code).unsqueeze(1)
+        allowed = cand.valid & found.unsqueeze(1)
         tokens = self.token_map[level][cand.tokens.clamp(max=self.index.vocab_size - 1)]
         fill = torch.where(allowed, 0.0, float("-inf")).to(scores.dtype)
         return scores + mask.scatter_reduce(1, tokens, fill, reduce="amax")

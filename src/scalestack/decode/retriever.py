@@ -4,7 +4,6 @@ swapped while serving (rebuild off to the side, then replace one reference)."""
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,7 +95,6 @@ class Retriever:
         self.levels, self.codes = self.token_map.shape
         self.query_len: int = data["query_len"]
         self._index: TrieIndex | None = None
-        self._lock = threading.Lock()
 
     @property
     def index(self) -> TrieIndex | None:
@@ -113,14 +111,9 @@ class Retriever:
                 f"allowed IDs have {index.length} codes from {index.vocab_size}, but the model decodes "
                 f"{self.levels} codes from {self.codes}"
             )
-        with self._lock:
-            self._index = index
+        self._index = index  # one reference assignment: a query already running keeps the index it read
         return index
 
-    def encode(self, queries: list[str]) -> torch.Tensor:
-        return encode_queries(queries, self.stoi, self.query_len)
-
-    @torch.no_grad()
     def retrieve(self, queries: list[str], beams: int = 10, constrained: bool = True) -> BeamSearchResult:
         """The ``beams`` best IDs per query; constrained to the allowed set unless ``constrained=False``."""
         index = self._index
@@ -128,7 +121,7 @@ class Retriever:
             raise ValueError("no allowed set: call set_allowed(...) first, or pass constrained=False")
         return constrained_beam_search(
             self.model,
-            self.encode(queries),
+            encode_queries(queries, self.stoi, self.query_len),
             index if constrained else None,
             beams,
             token_map=self.token_map,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -41,36 +41,23 @@ class LevelCandidates:
     dense: bool = False
 
 
+@dataclass(eq=False)
 class TrieIndex:
     """Allowed IDs of ``length`` tokens from a vocabulary of ``vocab_size`` codes; see the module docstring.
 
     Build with :meth:`build`, persist with :meth:`save` / :meth:`load` (one file, memory-mapped on load).
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        length: int,
-        dense_levels: int,
-        num_ids: int,
-        dense_masks: list[torch.Tensor],
-        dense_states: torch.Tensor | None,
-        indptr: list[torch.Tensor | None],
-        tokens: list[torch.Tensor],
-        level_sizes: list[int],
-        max_branches: list[int],
-    ):
-        self.vocab_size = vocab_size
-        self.length = length
-        self.dense_levels = dense_levels
-        self.num_ids = num_ids
-        self.dense_masks = dense_masks  # level l < dense_levels-1: bool[V**(l+1)], prefix code -> allowed
-        self.dense_states = dense_states  # int32[V**dense_levels]: prefix code -> node id at that depth, -1 if none
-        self.indptr = indptr  # CSR level k (depth k -> k+1): int32/int64[n_k + 1], None when every node has 1 child
-        self.tokens = tokens  # CSR level k: int16/int32[n_{k+1} + max_branches[k]], padded with vocab_size
-        self.level_sizes = level_sizes  # n_k: nodes at depth k, k = 0..length
-        self.max_branches = max_branches  # per level: the largest number of children of one node
+    vocab_size: int
+    length: int
+    dense_levels: int
+    num_ids: int
+    dense_masks: list[torch.Tensor]  # level l < dense_levels-1: bool[V**(l+1)], prefix code -> allowed
+    dense_states: torch.Tensor | None  # int32[V**dense_levels]: prefix code -> node id at that depth, -1 if none
+    indptr: list[torch.Tensor | None]  # CSR level k (depth k -> k+1): int32/int64[n_k + 1]; None: 1 child each
+    tokens: list[torch.Tensor]  # CSR level k: int16/int32[n_{k+1} + max_branches[k]], padded with vocab_size
+    level_sizes: list[int]  # n_k: nodes at depth k, k = 0..length
+    max_branches: list[int]  # per level: the largest number of children of one node
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -164,24 +151,18 @@ class TrieIndex:
     def device(self) -> torch.device:
         return self.tokens[0].device if self.tokens else self.dense_states.device
 
+    def _fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def to(self, device: torch.device | str) -> TrieIndex:
         """A copy of the index on ``device`` (decode where the model runs: the step is gathers only)."""
 
-        def move(t):
-            return None if t is None else t.to(device)
+        def move(v):
+            if isinstance(v, list):
+                return [move(t) for t in v]
+            return v.to(device) if isinstance(v, torch.Tensor) else v
 
-        return TrieIndex(
-            vocab_size=self.vocab_size,
-            length=self.length,
-            dense_levels=self.dense_levels,
-            num_ids=self.num_ids,
-            dense_masks=[move(t) for t in self.dense_masks],
-            dense_states=move(self.dense_states),
-            indptr=[move(t) for t in self.indptr],
-            tokens=[move(t) for t in self.tokens],
-            level_sizes=list(self.level_sizes),
-            max_branches=list(self.max_branches),
-        )
+        return TrieIndex(**{name: move(v) for name, v in self._fields().items()})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to one file that :meth:`load` memory-maps.
@@ -192,23 +173,10 @@ class TrieIndex:
         if self.device.type != "cpu":
             return self.to("cpu").save(path)
         path = Path(path)
-        data = {
-            "format": FORMAT,
-            "vocab_size": self.vocab_size,
-            "length": self.length,
-            "dense_levels": self.dense_levels,
-            "num_ids": self.num_ids,
-            "dense_masks": self.dense_masks,
-            "dense_states": self.dense_states,
-            "indptr": self.indptr,
-            "tokens": self.tokens,
-            "level_sizes": self.level_sizes,
-            "max_branches": self.max_branches,
-        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
+                torch.save({"format": FORMAT, **self._fields()}, f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -229,7 +197,7 @@ class TrieIndex:
         data.pop("format")
         return cls(**data)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # not the dataclass one: that would print every table
         return (
             f"TrieIndex(num_ids={self.num_ids}, length={self.length}, vocab_size={self.vocab_size}, "
             f"dense_levels={self.dense_levels}, max_branches={self.max_branches}, nbytes={self.nbytes})"

@@ -11,6 +11,7 @@ Files (all plain text): ``items.ids`` and ``fresh.ids`` (one ID per line, codes 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,11 @@ class RetrievalTask:
     # ------------------------------------------------------------------ catalogue
     def catalogue(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids[items, levels]`` (distinct, sorted) and ``age[items]`` in days."""
+        ids, age = self._catalogue
+        return ids.clone(), age.clone()
+
+    @functools.cached_property  # built once: training draws queries from it every step
+    def _catalogue(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)
         flat = torch.randperm(self.codes**self.levels, generator=g)[: self.items].sort().values
         ids = torch.stack([(flat // self.codes ** (self.levels - 1 - lv)) % self.codes for lv in range(self.levels)], 1)
@@ -50,18 +56,18 @@ class RetrievalTask:
         return ids, age
 
     # ------------------------------------------------------------------ vocabulary
-    @property
+    @functools.cached_property
     def words(self) -> list[str]:
         """Query words: two synonyms per (level, code), e.g. ``cat3`` and ``cat3b``."""
         return [f"{name}{c}{syn}" for name in LEVEL_NAMES for c in range(self.codes) for syn in ("", "b")]
 
-    @property
+    @functools.cached_property
     def vocab(self) -> list[str]:
         """Model tokens: specials, query words, then one token per (level, code) of the semantic ID."""
         sid = [f"<{name}:{c}>" for name in LEVEL_NAMES for c in range(self.codes)]
         return SPECIALS + self.words + sid
 
-    @property
+    @functools.cached_property
     def token_map(self) -> torch.Tensor:
         """``[levels, codes]``: the model token of each code at each level."""
         first = len(SPECIALS) + len(self.words)
@@ -71,28 +77,29 @@ class RetrievalTask:
     def query_len(self) -> int:
         return self.levels
 
+    @functools.cached_property
+    def stoi(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.vocab)}
+
     # ------------------------------------------------------------------ queries
     def queries(self, n: int, generator: torch.Generator, broad: float = 0.3) -> tuple[list[list[str]], torch.Tensor]:
         """``n`` random queries (word lists) and their target IDs; a share ``broad`` omits the variant."""
-        ids, _ = self.catalogue()
         pick = torch.randint(0, self.items, (n,), generator=generator)
         syn = torch.randint(0, 2, (n, self.levels), generator=generator)
         is_broad = torch.rand(n, generator=generator) < broad
         orders = torch.argsort(torch.rand(n, self.levels, generator=generator), 1)
+        target = self._catalogue[0][pick]
         out = []
-        for i in range(n):
-            words = [
-                f"{LEVEL_NAMES[lv]}{int(ids[pick[i], lv])}{'b' if syn[i, lv] else ''}" for lv in range(self.levels)
-            ]
-            if is_broad[i]:
+        for codes, syns, wide, order in zip(target.tolist(), syn.tolist(), is_broad.tolist(), orders.tolist()):
+            words = [f"{name}{c}{'b' if b else ''}" for name, c, b in zip(LEVEL_NAMES, codes, syns)]
+            if wide:
                 words[-1] = "<none>"
-            out.append([words[j] for j in orders[i].tolist()])
-        return out, ids[pick]
+            out.append([words[j] for j in order])
+        return out, target
 
     def encode(self, queries: list[list[str]]) -> torch.Tensor:
         """Prompts ``[n, query_len + 2]`` for word lists, in the format the retriever serves."""
-        stoi = {w: i for i, w in enumerate(self.vocab)}
-        return encode_queries([" ".join(q) for q in queries], stoi, self.query_len)
+        return encode_queries([" ".join(q) for q in queries], self.stoi, self.query_len)
 
     def sequences(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rows: inputs ``prompt + ID[:-1]`` and targets (-100 except on the ID's tokens)."""
