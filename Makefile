@@ -21,11 +21,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo
+	$(BIN)/torchrun --standalone --nproc_per_node=2 examples/demo.py
 
 # Train a generative retriever with scalestack FSDP (2 ranks), then serve it under two allowed sets.
 retrieval-demo: setup
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 -m scalestack.train.retrieval_demo --out runs/retrieval
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 examples/retrieval/demo.py --out runs/retrieval
 	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/fresh.ids
 	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/items.ids
 

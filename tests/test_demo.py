@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
+
 from dist_pool import free_port
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -17,7 +21,7 @@ def test_demo_runs_and_reports(tmp_path):
     text.write_text("It was the best of times, it was the worst of times. " * 40)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", "-m", "scalestack.train.demo", "--data", str(text), "--steps", "25",
+        f"--master_port={free_port()}", str(EXAMPLES / "demo.py"), "--data", str(text), "--steps", "25",
         "--seq", "32", "--batch", "4",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})

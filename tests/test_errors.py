@@ -23,7 +23,7 @@ def test_not_a_module_or_bad_options():
     with pytest.raises(TypeError, match="nn.Module"):
         ss.fully_shard(torch.ones(3))
     with pytest.raises(ValueError, match="floating-point"):
-        ss.MixedPrecision(param_dtype=torch.int8)
+        ss.MixedPrecisionPolicy(param_dtype=torch.int8)
     with pytest.raises(ValueError, match="max_buffers must be a positive int"):
         ss.fully_shard(nn.Linear(2, 2), max_buffers=0)
     for bad in ("2", 2.0, True):
@@ -103,8 +103,9 @@ def mesh_case(rank, world, group):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     message = expect(ValueError, ss.fully_shard, nn.Linear(2, 2), mesh=mesh)
     model = ss.fully_shard(nn.Linear(5, 3), mesh=mesh["shard"])  # a 1-D slice works
-    ss.layout(model).check()
-    return message, ss.layout(model).world_size
+    (lay,) = ss.layout(model).buffers
+    lay.check()
+    return message, lay.world_size
 
 
 def test_two_dimensional_mesh_is_rejected(pool):

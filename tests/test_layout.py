@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from scalestack.fsdp.granularity import Cuts, cuts_for, granule_elements, resolve_granularity, row_length
-from scalestack.fsdp.layout import TensorSpec
-from scalestack.fsdp.planner import plan_in_order
+from scalestack.planner.granularity import Cuts, cuts_for, resolve_granularity, row_length
+from scalestack.planner.layout import TensorSpec
+from scalestack.planner.search import plan_in_order
 
 
 def spec(name, shape, gran="element"):
@@ -35,15 +35,15 @@ def assert_valid(lay, tensors):
         assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
 
-def test_granule_elements():
-    assert granule_elements("element", (7, 22)) == 1
-    assert granule_elements("row", (7, 22)) == 22
-    assert granule_elements("row", (5,)) == 1
-    assert granule_elements(4, (7, 22)) == 88
-    assert granule_elements(16, (7, 22)) == 7 * 22  # more rows than the tensor has: the whole tensor
-    assert granule_elements("tensor", (3, 4, 5)) == 60
-    assert granule_elements("row", (4, 3, 5)) == 5  # experts [E, out, in]: a row is a row of one expert
-    assert granule_elements("matrix", (4, 3, 5)) == 15  # one expert's matrix
+def test_largest_granule():
+    assert cuts_for("element", (7, 22)).largest_granule == 1
+    assert cuts_for("row", (7, 22)).largest_granule == 22
+    assert cuts_for("row", (5,)).largest_granule == 1
+    assert cuts_for(4, (7, 22)).largest_granule == 88
+    assert cuts_for(16, (7, 22)).largest_granule == 7 * 22  # more rows than the tensor has: the whole tensor
+    assert cuts_for("tensor", (3, 4, 5)).largest_granule == 60
+    assert cuts_for("row", (4, 3, 5)).largest_granule == 5  # experts [E, out, in]: a row is a row of one expert
+    assert cuts_for("matrix", (4, 3, 5)).largest_granule == 15  # one expert's matrix
     assert row_length((4, 3, 5)) == 5
     # 2-row blocks of 3-row expert matrices restart at every expert: cuts at rows 0 and 2 of each
     assert cuts_for(2, (4, 3, 5)) == Cuts(15, (0, 10))
@@ -53,7 +53,7 @@ def test_granule_elements():
 @pytest.mark.parametrize("bad", ["rows", 0, -3, 1.5, None, True])
 def test_unknown_granularity_is_rejected(bad):
     with pytest.raises(ValueError, match="granularity"):
-        granule_elements(bad, (4, 4))
+        cuts_for(bad, (4, 4)).largest_granule
 
 
 def test_callable_granularity_is_validated():

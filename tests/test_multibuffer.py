@@ -1,9 +1,9 @@
 """Units split into several flat buffers (``fully_shard(..., max_buffers=k)``) against an unsharded reference.
 
-Each block holds ``up.weight`` [32, 8] (rows of 8) and ``down.weight`` [8, 32] (rows of 32). With row
-granularity at W=3 one buffer must pad (S=192, 24 elements of padding); the planner splits the block into two
-buffers of S=88 and S=96 with none. At W=4 the planner keeps one buffer (a Plan with one Layout), which must
-work the same.
+Each block holds ``up.weight`` [72, 8] (rows of 8) and ``down.weight`` [8, 72] (rows of 72). With row
+granularity at W=3 one buffer must pad (64 elements at fp32's 4-element alignment); the planner splits the
+block into two or three buffers with at most 16 (also at the 8-element alignment that bf16 compute views
+need). At W=4 the planner keeps one buffer (a Plan with one Layout), which must work the same.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from scalestack.fsdp.api import units
 
 pytestmark = pytest.mark.timeout(240)
 
-BLOCK_SHAPES = [(32, 8), (32,), (8, 32), (8,)]
+BLOCK_SHAPES = [(72, 8), (72,), (8, 72), (8,)]
 N_BLOCKS, BATCH, STEPS = 3, 12, 10  # the global batch divides by every W in 1..4
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = nn.Linear(8, 32)
-        self.down = nn.Linear(32, 8)
+        self.up = nn.Linear(8, 72)
+        self.down = nn.Linear(72, 8)
 
     def forward(self, h):
         return h + self.down(torch.tanh(self.up(h)))
@@ -84,7 +84,12 @@ def test_planner_splits_the_block():
 
 def report(model: Net) -> dict:
     """What test_engine's cases add to their results for this model (see test_engine.kit)."""
-    return {"buffers": buffer_counts(model)}
+    trained = sum(
+        any(p.buffer_index == i and p.sharded.requires_grad for p in u.params)
+        for u in units(model)
+        for i in range(len(u.buffers))
+    )
+    return {"buffers": buffer_counts(model), "trained_buffers": trained}
 
 
 KIT = __name__  # test_engine's cases build, shard and feed this module's model
@@ -110,9 +115,9 @@ def test_adamw_matches_unsharded(pool, world):
 
 
 def bf16_case(rank, world, group):
-    mp = ss.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    split = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp}, kit_name=KIT)
-    one = train_case(rank, world, group, "sgd", STEPS, {"mixed_precision": mp, "max_buffers": 1}, kit_name=KIT)
+    mp = ss.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    split = train_case(rank, world, group, "sgd", STEPS, {"mp_policy": mp}, kit_name=KIT)
+    one = train_case(rank, world, group, "sgd", STEPS, {"mp_policy": mp, "max_buffers": 1}, kit_name=KIT)
     return split, one
 
 
@@ -134,14 +139,15 @@ def test_bf16_mixed_precision_close_to_fp32(pool):
 
 
 def test_traffic_is_one_collective_per_buffer_and_zero_copy(pool):
-    t, blocks, root = pool.run(traffic_case, 3, KIT)[0]
+    t, blocks, root, reduced = pool.run(traffic_case, 3, KIT)[0]
     assert all(len(b) >= 2 for b in blocks)
     block_buffers, block_bytes = sum(len(b) for b in blocks), sum(sum(b) for b in blocks)
     # blocks: gathered in forward and again in backward; root: once (kept for backward)
     assert t["all_gathers"] == 2 * block_buffers + len(root)
     assert t["all_gather_bytes"] == 2 * block_bytes + sum(root)
-    assert t["reduce_scatters"] == block_buffers + len(root)
-    assert t["reduce_scatter_bytes"] == block_bytes + sum(root)
+    # one reduce-scatter per buffer that holds a trainable parameter (blocks.1's frozen bias may sit alone)
+    assert t["reduce_scatter_bytes"] == reduced <= block_bytes + sum(root)
+    assert t["reduce_scatters"] <= block_buffers + len(root)
     assert t["copy_bytes"] == 0
 
 
@@ -180,7 +186,8 @@ def test_gradient_accumulation_reduces_once_per_buffer(pool):
     blocks, root = extra["buffers"]
     n_buffers = sum(blocks) + root
     assert n_buffers > N_BLOCKS + 1  # the blocks are split
-    assert reduces == n_buffers  # one reduce-scatter per buffer, on the last micro-batch only
+    # one reduce-scatter per buffer holding a trainable parameter, on the last micro-batch only
+    assert reduces == extra["trained_buffers"] >= n_buffers - 1
     assert max(errors.values()) < 1e-6
 
 

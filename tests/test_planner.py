@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import scalestack as ss
-from scalestack.fsdp.granularity import Cuts, cuts_for
-from scalestack.fsdp.planner import (
+from scalestack.planner.granularity import Cuts, cuts_for
+from scalestack.planner.search import (
     _best_grouping,
     _Cut,
     _groupings,
@@ -25,8 +25,8 @@ from scalestack.fsdp.planner import (
     _walk,
     clear_caches,
 )
-from scalestack.models.configs import load_model_shapes
-from scalestack.train.plan_command import parse_granularity, plan_model
+from scalestack.planner.model_shapes import load_model_shapes
+from scalestack.cli.plan import parse_granularity, plan_model
 
 
 def brute_force_min_shard(shapes, grans, world, align):

@@ -13,8 +13,11 @@ import torch
 from dist_pool import free_port
 
 from scalestack.decode.retriever import Retriever, read_ids
-from scalestack.train.cli import main as cli
-from scalestack.train.retrieval_task import RetrievalTask, write_ids
+from scalestack.cli.main import main as cli
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "retrieval"
+sys.path.insert(0, str(EXAMPLE))
+from task import RetrievalTask, write_ids  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -24,7 +27,7 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("retrieval")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", "-m", "scalestack.train.retrieval_demo", "--out", str(out), "--steps", "200",
+        f"--master_port={free_port()}", str(EXAMPLE / "demo.py"), "--out", str(out), "--steps", "200",
     ]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,31 +1,38 @@
 """scalestack: fully sharded data parallel training on ragged, structure-aware shards.
 
-Shaped like PyTorch FSDP2: ``from scalestack import fully_shard`` is the one-line switch.
+Shaped like PyTorch FSDP2: ``from scalestack import fully_shard, MixedPrecisionPolicy, FSDPModule`` is the
+one-line switch.
 """
 
 from .fsdp import (
     FSDPModule,
-    Layout,
-    MixedPrecision,
-    Plan,
+    MixedPrecisionPolicy,
+    ShardInfo,
+    Traffic,
     UnshardHandle,
     full_state_dict,
     fully_shard,
     layout,
     load_full_state_dict,
-    plan,
+    record_collectives,
+    register_fsdp_forward_method,
     reset_traffic,
+    shard_info,
     traffic,
 )
-from .optim import clip_grad_norm_
+from .optim import ShardedGradScaler, clip_grad_norm_
+from .planner import Layout, Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FSDPModule",
     "Layout",
-    "MixedPrecision",
+    "MixedPrecisionPolicy",
     "Plan",
+    "ShardInfo",
+    "ShardedGradScaler",
+    "Traffic",
     "UnshardHandle",
     "clip_grad_norm_",
     "full_state_dict",
@@ -33,6 +40,9 @@ __all__ = [
     "layout",
     "load_full_state_dict",
     "plan",
+    "record_collectives",
+    "register_fsdp_forward_method",
     "reset_traffic",
+    "shard_info",
     "traffic",
 ]

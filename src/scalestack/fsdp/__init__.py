@@ -1,34 +1,24 @@
-"""The training engine: ragged, structure-aware fully sharded data parallel."""
+"""The training engine: ragged, structure-aware fully sharded data parallel, shaped like FSDP2."""
 
-from .api import FSDPModule, UnshardHandle, fully_shard, layout
-from .collectives import Traffic, reset_traffic, traffic
-from .granularity import Cuts, cuts_for
-from .layout import Layout, Piece, TensorSlot, TensorSpec
-from .mixed_precision import MixedPrecision
-from .plan import plan
-from .planner import Plan, plan_buffers, plan_in_order, plan_unit
+from .api import FSDPModule, UnshardHandle, fully_shard, layout, register_fsdp_forward_method
+from .collectives import Traffic, record_collectives, reset_traffic, traffic
+from .mixed_precision import MixedPrecisionPolicy
+from .param import ShardInfo, shard_info
 from .state_dict import full_state_dict, load_full_state_dict
 
 __all__ = [
-    "Cuts",
     "FSDPModule",
-    "Layout",
-    "MixedPrecision",
-    "Piece",
-    "Plan",
-    "TensorSlot",
-    "TensorSpec",
+    "MixedPrecisionPolicy",
+    "ShardInfo",
     "Traffic",
     "UnshardHandle",
     "full_state_dict",
     "fully_shard",
     "layout",
     "load_full_state_dict",
-    "cuts_for",
-    "plan",
-    "plan_buffers",
-    "plan_in_order",
-    "plan_unit",
+    "record_collectives",
+    "register_fsdp_forward_method",
     "reset_traffic",
+    "shard_info",
     "traffic",
 ]

@@ -1,11 +1,16 @@
-"""Every collective and every copy the engine makes goes through here, so they can be counted.
+"""Every collective and every copy the engine makes goes through here, so they can be counted and logged.
 
-``traffic()`` reports bytes all-gathered (output size), bytes reduce-scattered (input size) and bytes copied
-outside collectives (casts for mixed precision, accumulation into an existing sharded gradient).
+``traffic()`` reports bytes all-gathered (output size), bytes reduce-scattered (input size), the small
+all-reduces of "which parameters got a gradient" flags, bytes copied outside collectives (casts for mixed
+precision, accumulation into an existing sharded gradient) and the gradient path's own work: bytes zeroed
+(a fresh grad buffer) and bytes added into in place (autograd accumulating each gradient into its view).
+``record_collectives()`` logs the sequence of collectives, which must be the same on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,13 +24,33 @@ class Traffic:
     reduce_scatter_bytes: int = 0
     all_gathers: int = 0
     reduce_scatters: int = 0
+    flag_all_reduces: int = 0
     copy_bytes: int = 0
+    zero_bytes: int = 0
+    add_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
 _traffic = Traffic()
+_log: list[tuple[str, int]] | None = None
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Log ``(kind, elements)`` of every collective issued inside the block, in issue order."""
+    global _log
+    previous, _log = _log, []
+    try:
+        yield _log
+    finally:
+        _log = previous
+
+
+def _record(kind: str, t: torch.Tensor) -> None:
+    if _log is not None:
+        _log.append((kind, t.numel()))
 
 
 def _all_gather_single(*args, **kwargs):
@@ -47,13 +72,14 @@ def reset_traffic() -> None:
     _traffic = Traffic()
 
 
-def _all_gather_single(*args, **kwargs):
-    # torch 2.13 renamed the single-tensor collectives; releases before it (>= 2.6) have only the old names.
-    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+def count_add(t: torch.Tensor) -> None:
+    """Record that ``t`` was added into in place (autograd accumulating a gradient into its view)."""
+    _traffic.add_bytes += t.numel() * t.element_size()
 
 
-def _reduce_scatter_single(*args, **kwargs):
-    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+def count_zero(t: torch.Tensor) -> None:
+    """Record that ``t`` was zeroed (a new grad buffer that autograd will add into)."""
+    _traffic.zero_bytes += t.numel() * t.element_size()
 
 
 def count_copy(t: torch.Tensor) -> None:
@@ -90,6 +116,7 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -
     """Issue the all-gather of every rank's ``shard`` into ``output`` (rank r's at ``[r*S, (r+1)*S)``)."""
     _traffic.all_gather_bytes += output.numel() * output.element_size()
     _traffic.all_gathers += 1
+    _record("all_gather", output)
     version = output._version
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_gather"):
         work = _all_gather_single(output, shard, group=group, async_op=True)
@@ -100,8 +127,17 @@ def reduce_scatter_avg(output: torch.Tensor, full: torch.Tensor, group: ProcessG
     """Average ``full`` over ranks and leave rank r's window of the result in ``output`` (async)."""
     _traffic.reduce_scatter_bytes += full.numel() * full.element_size()
     _traffic.reduce_scatters += 1
+    _record("reduce_scatter", full)
     with torch.no_grad(), torch.profiler.record_function("scalestack::reduce_scatter"):
         return _reduce_scatter_single(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
+
+
+def all_reduce_flags(flags: torch.Tensor, group: ProcessGroup) -> Work | None:
+    """Sum small integer flags over ranks (async): which parameters got a gradient on any rank."""
+    _traffic.flag_all_reduces += 1
+    _record("all_reduce_flags", flags)
+    with torch.no_grad(), torch.profiler.record_function("scalestack::all_reduce_flags"):
+        return dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 def all_gather_blocking(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -> None:

@@ -1,4 +1,7 @@
-"""Full (unsharded) state dicts: keys and shapes exactly as the unsharded model's ``state_dict()``."""
+"""Full (unsharded) state dicts: keys and shapes exactly as the unsharded model's ``state_dict()``.
+
+``model.state_dict()`` itself returns this rank's pieces (see ``dcp_guard``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import torch.nn as nn
 
 from . import collectives as comm
 from .api import units
-from .unit import ManagedParam, ShardedUnit, ShardState
+from .param import ManagedParam
+from .unit import ShardedUnit, ShardState
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[ShardedUnit, ManagedParam]]:
@@ -35,9 +39,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if id(value) in owners:
-            _, p = owners[id(value)]
-            slot = p.slot
-            result[key] = full[id(p.buffer)][slot.offset : slot.end].view(slot.shape)
+            unit, p = owners[id(value)]
+            result[key] = p.in_full(full[id(unit.buffers[p.buffer_index])])
         else:
             result[key] = value.detach()
     return result
@@ -70,7 +73,7 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 shape = p.slot.shape
                 if tuple(source.shape) != shape:
                     raise ValueError(f"{key!r}: the model has shape {list(shape)}, the state dict {list(source.shape)}")
-                p.sharded.copy_(source.reshape(-1)[p.piece.start : p.piece.end])
+                p.sharded.copy_(p.in_global(source).view(p.local_shape))
             else:
                 if source.shape != target.shape:
                     raise ValueError(

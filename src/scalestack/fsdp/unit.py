@@ -1,36 +1,32 @@
-"""One sharded unit: its flat buffers and the state machine that moves between them.
+"""One sharded unit: its flat buffers and the two state machines that move between them.
 
 A unit holds one or more flat buffers (``FlatBuffer``; several when the planner splits the unit to cut
-padding, see ``plan_buffers``), each with its own layout, shard size S and collective, and each made of:
+padding), each with its own layout, shard size S and collectives:
 
-shard buffer  (S, master dtype, persistent)    -- the registered parameters are 1-D views of it
+shard buffer  (S, master dtype, persistent)    -- the registered parameters are views of it
 gather buffer (W*S, compute dtype, transient)  -- the full parameters used in compute are views of it
 grad buffer   (W*S, compute dtype, transient)  -- autograd accumulates full gradients into views of it
+accumulator   (W*S, reduce dtype, optional)    -- no-sync micro-batches when reduce and compute differ
 
 The gather and grad buffers keep their tensor objects for the unit's lifetime and only their storage is
 allocated and freed, so the parameter views (and the tensors autograd saved for backward) stay valid.
-The unit moves all its buffers together: one all-gather per buffer, all issued before any is waited on,
-and one reduce-scatter per buffer.
+
+``ShardState`` says where the parameters are (sharded, gathering, unsharded); ``TrainingState`` says where
+the unit is in a step, which is what lets a forward that activation checkpointing re-runs inside backward
+neither prefetch nor reshard. The unit does the work; the hooks in ``state.py`` decide when.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
-import torch.nn as nn
 from torch.distributed import ProcessGroup, Work
 
+from ..planner.layout import Layout
+from ..planner.search import Plan
 from . import collectives as comm
-from .layout import Layout, Piece, TensorSlot
-from .planner import Plan
-
-# The next unit's all-gather is issued once this fraction of this unit's gradients has arrived: it still
-# overlaps most of the backward, but not the activation-gradient peak at its start (in a transformer block
-# the MLP's). Measured on the benchmark GPT: issuing it at the unit's pre-backward peaks 4% higher.
-BACKWARD_PREFETCH_AFTER = 0.25
+from .param import ManagedParam
 
 
 class ShardState(Enum):
@@ -39,49 +35,11 @@ class ShardState(Enum):
     UNSHARDED = auto()  # the module shows full parameters, views of the gather buffers
 
 
-@dataclass(eq=False)
-class FlatBuffer:
-    """One flat buffer of a unit: its layout and its shard / gather / grad tensors (see the module doc)."""
-
-    layout: Layout
-    shard: torch.Tensor  # S elements, master dtype
-    gather: torch.Tensor  # W*S elements, compute dtype; storage freed while sharded
-    grad: torch.Tensor  # W*S elements, compute dtype; storage freed outside backward / accumulation
-
-
-@dataclass(eq=False)
-class ManagedParam:
-    """A parameter of the unit: where it is registered, its sharded piece and its full (unsharded) view."""
-
-    fqn: str  # first name under the unit's module
-    uses: list[tuple[nn.Module, str]]  # every (module, attribute) that registers it (tied weights)
-    buffer: FlatBuffer  # the flat buffer that holds it
-    slot_index: int  # its slot in ``buffer.layout``
-    piece: Piece
-    sharded: nn.Parameter
-    unsharded: nn.Parameter
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.sharded.requires_grad
-
-    @property
-    def slot(self) -> TensorSlot:
-        return self.buffer.layout.slots[self.slot_index]
-
-
-@dataclass
-class _PendingReduce:
-    work: Work
-    buffer: FlatBuffer
-    output: torch.Tensor
-    source: torch.Tensor  # kept alive until the collective is done
-
-
-@dataclass
-class _PendingGather:
-    gather: comm.PendingGather
-    source: torch.Tensor  # kept alive until the collective is done
+class TrainingState(Enum):
+    IDLE = auto()  # between steps, or after its forward
+    FORWARD = auto()  # inside its forward
+    PRE_BACKWARD = auto()  # its backward has begun: gathered, gradients land in the grad buffers
+    POST_BACKWARD = auto()  # its gradients of this backward are reduced (or kept for accumulation)
 
 
 def _alloc(t: torch.Tensor) -> bool:
@@ -98,39 +56,60 @@ def _free(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(0)
 
 
-@dataclass(eq=False)
+def _allocated(t: torch.Tensor) -> bool:
+    return t.untyped_storage().size() > 0
+
+
+class FlatBuffer:
+    """One flat buffer of a unit: its layout and its shard / gather / grad tensors (see the module doc)."""
+
+    def __init__(self, layout: Layout, shard: torch.Tensor, compute: torch.dtype) -> None:
+        self.layout = layout
+        self.shard = shard
+        self.gather = torch.empty(layout.total_size, dtype=compute, device=shard.device)
+        self.grad = torch.empty(layout.total_size, dtype=compute, device=shard.device)
+        self.accum: torch.Tensor | None = None
+
+    def __repr__(self) -> str:  # never prints tensors: their storage may be freed
+        return (
+            f"FlatBuffer(W={self.layout.world_size}, S={self.layout.shard_size}, {self.shard.dtype}->"
+            f"{self.gather.dtype}, gathered={_allocated(self.gather)}, grad={_allocated(self.grad)})"
+        )
+
+
+class _PendingReduce:
+    def __init__(self, work: Work | None, buffer: FlatBuffer, output: torch.Tensor, source: torch.Tensor) -> None:
+        self.work, self.buffer, self.output, self.source = work, buffer, output, source  # source: alive till done
+
+
 class ShardedUnit:
-    """The parameters of one ``fully_shard(module)`` call; gathered and freed together."""
+    """The parameters of one ``fully_shard`` call; gathered, reduced and freed together."""
 
-    name: str
-    plan: Layout | Plan  # what the planner returned: a Layout (max_buffers=1) or a Plan, one Layout per buffer
-    buffers: list[FlatBuffer]
-    group: ProcessGroup
-    rank: int
-    params: list[ManagedParam]
-    reduce_dtype: torch.dtype
-    reshard_after_forward: bool = True
-    requires_gradient_sync: bool = True
-    state: ShardState = ShardState.SHARDED
-    _gathers: list[_PendingGather] = field(default_factory=list)
-    _grads_arrived: int = 0
-    _backward_done: bool = True
-    _pending: list[_PendingReduce] = field(default_factory=list)
-    _pending_received: set[int] = field(default_factory=set)  # leaves whose reduced gradient is pending
-    on_reduce_issued: Callable[[ShardedUnit], None] | None = None  # lets the root bound in-flight reduces
-    on_grad_ready: Callable[[], None] | None = None  # lets the root free finished reduces early
-    _received: set[int] = field(default_factory=set)  # leaves with a gradient in this accumulation window
-    _backward_prefetch: list[ShardedUnit] = field(default_factory=list)
-    _hooks: list = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for b in self.buffers:
+    def __init__(self, name: str, plan: Plan, buffers: list[FlatBuffer], params: list[ManagedParam],
+                 group: ProcessGroup, rank: int, reduce_dtype: torch.dtype) -> None:  # fmt: skip
+        self.name = name
+        self.plan = plan
+        self.buffers = buffers
+        self.params = params
+        self.group = group
+        self.rank = rank
+        self.reduce_dtype = reduce_dtype
+        self.reshard_after_forward = True
+        self.reshard_after_backward = True
+        self.requires_gradient_sync = True
+        self.state = ShardState.SHARDED
+        self.training_state = TrainingState.IDLE
+        self.ran_forward_with_grad = False  # since its last post-backward: it owes a post-backward
+        self.triggers_pending = 0  # post-backward triggers registered on its inputs and not yet fired
+        self._gathers: list[comm.PendingGather] = []
+        self._views_set = False  # the full parameters' .grad are views of the grad buffers
+        self._received: set[int] = set()  # params (by index) with a local gradient in this accumulation window
+        self._pending: list[_PendingReduce] = []
+        self._pending_flags: tuple[Work | None, torch.Tensor, list[ManagedParam]] | None = None
+        for b in buffers:  # the parameter views exist now: their storage can go until the first gather
             _free(b.gather)
             _free(b.grad)
-        self._grad_params = [p for p in self.params if p.requires_grad]
-        self._by_leaf = {id(p.unsharded): p for p in self._grad_params}
-        for p in self._grad_params:
-            self._hooks.append(p.unsharded.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self._hooked: set[int] = set()  # params whose full tensor reports its gradients (hooks need requires_grad)
 
     @property
     def device(self) -> torch.device:
@@ -141,21 +120,25 @@ class ShardedUnit:
         """The master (shard) dtype."""
         return self.buffers[0].shard.dtype
 
+    def __repr__(self) -> str:
+        return (
+            f"ShardedUnit({self.name!r}, {len(self.params)} params, {len(self.buffers)} buffer(s), "
+            f"{self.state.name}, {self.training_state.name})"
+        )
+
+    def trainable(self) -> list[ManagedParam]:
+        """Parameters that train now: ``requires_grad`` is read live, so freezing after fully_shard works."""
+        return [p for p in self.params if p.sharded.requires_grad]
+
     # ---------------------------------------------------------------- all-gather / free
     def unshard(self, async_op: bool = False) -> None:
         if self.state is ShardState.SHARDED:
             for b in self.buffers:  # issue every buffer's all-gather before waiting on any
                 _alloc(b.gather)
-                source = comm.cast(b.shard, b.gather.dtype)
-                self._gathers.append(_PendingGather(comm.all_gather(b.gather, source, self.group), source))
+                self._gathers.append(comm.all_gather(b.gather, comm.cast(b.shard, b.gather.dtype), self.group))
             self.state = ShardState.GATHERING
         if not async_op:
             self.wait_for_unshard()
-
-    def _wait_gathers(self) -> None:
-        for g in self._gathers:
-            g.gather.wait()
-        self._gathers = []
 
     def wait_for_unshard(self) -> None:
         if self.state is ShardState.SHARDED:
@@ -163,128 +146,177 @@ class ShardedUnit:
         if self.state is ShardState.GATHERING:
             self._wait_gathers()
             self.state = ShardState.UNSHARDED
-            self.show(unsharded=True)
+            self._to_unsharded()
 
     def reshard(self) -> None:
         if self.state is ShardState.SHARDED:
             return
-        if self.state is ShardState.GATHERING:
-            self._wait_gathers()
-        self.show(unsharded=False)
+        self._wait_gathers()
+        self._to_sharded()
         for b in self.buffers:
             _free(b.gather)
         self.state = ShardState.SHARDED
 
-    def show(self, unsharded: bool) -> None:
-        for p in self.params:
-            tensor = p.unsharded if unsharded else p.sharded
-            for module, attr in p.uses:
-                module._parameters[attr] = tensor
+    def _wait_gathers(self) -> None:
+        gathers, self._gathers = self._gathers, []
+        for g in gathers:
+            g.wait()
 
-    # ---------------------------------------------------------------- gradients
-    def begin_backward(self) -> None:
-        """Point every full parameter's ``.grad`` at its view of the grad buffer (zeroed when new)."""
-        if not self._backward_done:
-            return
-        self._backward_done = False
-        self._grads_arrived = 0
-        fresh = False
-        for b in self.buffers:
+    def _to_unsharded(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.unsharded.requires_grad != p.sharded.requires_grad:  # frozen or unfrozen after fully_shard
+                p.unsharded.requires_grad_(p.sharded.requires_grad)
+            if p.unsharded.requires_grad and i not in self._hooked:
+                p.unsharded.register_post_accumulate_grad_hook(lambda _, i=i: self._received.add(i))
+                self._hooked.add(i)
+            for module, attr in p.uses:
+                module._parameters[attr] = p.unsharded
+
+    def _to_sharded(self) -> None:
+        for p in self.params:
+            for module, attr in p.uses:
+                module._parameters[attr] = p.sharded
+
+    # ---------------------------------------------------------------- forward
+    def pre_forward(self, grad_enabled: bool) -> None:
+        self.wait_for_unshard()
+        self.training_state = TrainingState.FORWARD
+        self.ran_forward_with_grad |= grad_enabled
+
+    def post_forward(self, reshard: bool) -> None:
+        self.training_state = TrainingState.IDLE
+        if reshard:
+            self.reshard()
+
+    # ---------------------------------------------------------------- backward
+    def _grad_buffers(self, params: list[ManagedParam]) -> list[FlatBuffer]:
+        """The grad buffers that ``params`` live in, allocated (zeroed when new): a frozen buffer gets none."""
+        used = sorted({p.buffer_index for p in params})
+        out = []
+        for i in used:
+            b = self.buffers[i]
             if _alloc(b.grad):
                 b.grad.zero_()
-                fresh = True
-        if fresh:
-            self._received.clear()
-        for p in self._grad_params:
-            p.unsharded.grad = self._grad_view(p)
+                comm.count_zero(b.grad)
+            out.append(b)
+        return out
 
-    def prefetch_during_backward(self, units: list[ShardedUnit]) -> None:
-        """Gather ``units`` once enough of this unit's gradients are in (see BACKWARD_PREFETCH_AFTER)."""
-        self._backward_prefetch = list(units)
-        self._maybe_prefetch()
-
-    def _maybe_prefetch(self) -> None:
-        if self._backward_prefetch and self._grads_arrived >= BACKWARD_PREFETCH_AFTER * len(self._grad_params):
-            units, self._backward_prefetch = self._backward_prefetch, []
-            for unit in units:
-                unit.unshard(async_op=True)
-
-    @staticmethod
-    def _grad_view(p: ManagedParam) -> torch.Tensor:
-        slot = p.slot
-        return p.buffer.grad[slot.offset : slot.end].view(slot.shape)
-
-    def _on_grad_ready(self, param: nn.Parameter) -> None:
-        if self._backward_done:  # a gradient before the unit's pre-backward (used outside its forward)
-            early = param.grad
-            self.begin_backward()
-            param.grad = early
-        view = self._grad_view(self._by_leaf[id(param)])
-        if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
-            # autograd made a new tensor instead of accumulating into the view: fold it in.
-            view.add_(param.grad)
-            comm.count_copy(view)
-            param.grad = view
-        self._received.add(id(param))
-        self._grads_arrived += 1
-        self._maybe_prefetch()
-        if self._grads_arrived == len(self._grad_params):
-            self.end_backward()
-        if self.on_grad_ready is not None:
-            self.on_grad_ready()
-
-    def end_backward(self) -> None:
-        """All gradients of this backward are in: reduce-scatter (unless accumulating) and free."""
-        if self._backward_done:
+    def pre_backward(self) -> None:
+        """Gather (the prefetch usually did) and point every trainable full parameter's ``.grad`` at its view."""
+        self.wait_for_unshard()
+        if self.training_state is TrainingState.PRE_BACKWARD:
             return
-        self._backward_done = True
-        self._backward_prefetch = []  # not reached: the unit's own pre-backward will gather it
-        if self.requires_gradient_sync and self._grad_params:
-            self._reduce_scatter()
-        self.reshard()
+        self.training_state = TrainingState.PRE_BACKWARD
+        trainable = self.trainable()
+        self._grad_buffers(trainable)
+        for p in trainable:
+            p.unsharded.grad = p.in_full(self.buffers[p.buffer_index].grad)
+        self._views_set = True
 
-    def _reduce_scatter(self) -> None:
+    def post_backward(self) -> None:
+        """This backward's gradients are all in: reduce-scatter them (or keep them for accumulation), free."""
+        self.triggers_pending = 0
+        self.ran_forward_with_grad = False
+        trainable = self.trainable()
+        buffers = self._grad_buffers(trainable) if trainable else []
+        training = {id(p) for p in trainable}
+        for p in self.params:
+            g, p.unsharded.grad = p.unsharded.grad, None
+            if g is None or id(p) not in training:
+                continue
+            view = p.in_full(self.buffers[p.buffer_index].grad)
+            if g.data_ptr() != view.data_ptr():  # autograd made a new tensor instead of adding into the view
+                view.copy_(g) if self._views_set else view.add_(g)  # the new tensor already holds the view
+                comm.count_copy(view)
+        self._views_set = False
+        for i in self._received:
+            comm.count_add(self.params[i].unsharded)
+        self.training_state = TrainingState.POST_BACKWARD
+        if buffers:
+            if self.requires_gradient_sync:
+                self._reduce_scatter(buffers, trainable)
+            elif self.reduce_dtype != buffers[0].grad.dtype:  # accumulate micro-batches in the reduce dtype
+                for b in buffers:
+                    self._accumulate(b)
+        if self.reshard_after_backward:
+            self.reshard()
+
+    def _accumulate(self, b: FlatBuffer) -> None:
+        if b.accum is None:
+            b.accum = comm.cast(b.grad, self.reduce_dtype)
+        else:
+            b.accum.add_(b.grad)
+            comm.count_copy(b.accum)
+        _free(b.grad)
+
+    def _reduce_scatter(self, buffers: list[FlatBuffer], trainable: list[ManagedParam]) -> None:
         self.finish_reduce()  # a previous reduce still in flight (none in a normal step) lands first
-        for b in self.buffers:  # one reduce-scatter per buffer, all in flight together
-            full = comm.cast(b.grad, self.reduce_dtype)
+        for b in buffers:  # one reduce-scatter per buffer, all in flight together
+            if b.accum is not None:
+                b.accum.add_(b.grad)
+                comm.count_copy(b.accum)
+                full, b.accum = b.accum, None
+            else:
+                full = comm.cast(b.grad, self.reduce_dtype)
             output = torch.empty(b.layout.shard_size, dtype=self.reduce_dtype, device=full.device)
-            work = comm.reduce_scatter_avg(output, full, self.group)
-            self._pending.append(_PendingReduce(work, b, output, full))
-        for p in self._grad_params:
-            p.unsharded.grad = None
-        for r in self._pending:
-            if r.source is not r.buffer.grad:  # the cast holds the data: the grad buffer can go now
-                _free(r.buffer.grad)
-        self._pending_received = self._received.copy()
-        if self.on_reduce_issued is not None:
-            self.on_reduce_issued(self)
+            self._pending.append(_PendingReduce(comm.reduce_scatter_avg(output, full, self.group), b, output, full))
+            if full is not b.grad:  # the cast holds the data: the grad buffer can go now
+                _free(b.grad)
+        # Which trainable parameters got a gradient on any rank: those are handed out (zeros where a rank
+        # had none), the rest keep .grad None as in the unsharded model. The same on every rank.
+        index = {id(p): i for i, p in enumerate(self.params)}
+        flags = torch.tensor([index[id(p)] in self._received for p in trainable], dtype=torch.int32,
+                             device=self.device)  # fmt: skip
+        self._pending_flags = (comm.all_reduce_flags(flags, self.group), flags, trainable)
+        self._received.clear()
 
     @property
-    def in_backward(self) -> bool:
-        return not self._backward_done
+    def reduce_pending(self) -> bool:
+        return bool(self._pending)
 
     def reduce_completed(self) -> bool:
-        return bool(self._pending) and all(r.work.is_completed() for r in self._pending)
+        return bool(self._pending) and all(r.work is None or r.work.is_completed() for r in self._pending)
 
     def finish_reduce(self) -> None:
         """Wait for the in-flight reduce-scatters and hand out the sharded gradients (views of their output)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
+        work, flags, params = self._pending_flags
+        self._pending_flags = None
         with torch.profiler.record_function("scalestack::wait_reduce_scatter"):
             for r in pending:
-                r.work.wait()
+                if r.work is not None:
+                    r.work.wait()
+            if work is not None:
+                work.wait()
         grads = {}
         for r in pending:
             if r.source is r.buffer.grad:
                 _free(r.buffer.grad)
             grads[id(r.buffer)] = comm.cast(r.output, r.buffer.shard.dtype)
-        for p in self._grad_params:
-            if id(p.unsharded) not in self._pending_received:
+        for p, got in zip(params, flags.tolist()):
+            if not got:
                 continue
-            view = grads[id(p.buffer)][p.piece.local_offset : p.piece.local_offset + p.piece.numel]
+            view = p.in_shard(grads[id(self.buffers[p.buffer_index])])
             if p.sharded.grad is None:
                 p.sharded.grad = view
             else:
                 p.sharded.grad += view
-                comm.count_copy(view)
+                comm.count_add(view)
+
+    # ---------------------------------------------------------------- recovery
+    def reset(self) -> None:
+        """Back to sharded and idle after a step that failed half-way (``FSDPModule.reset_iter_state``)."""
+        self.finish_reduce()
+        for p in self.params:
+            p.unsharded.grad = None
+        for b in self.buffers:
+            _free(b.grad)
+            b.accum = None
+        self._received.clear()
+        self._views_set = False
+        self.triggers_pending = 0
+        self.ran_forward_with_grad = False
+        self.reshard()
+        self.training_state = TrainingState.IDLE

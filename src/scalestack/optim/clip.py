@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..fsdp.api import _OWNER, units
+from ..fsdp.param import is_sharded, shard_info
 
 
 def clip_grad_norm_(
@@ -26,13 +26,14 @@ def clip_grad_norm_(
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm}")
     if norm_type <= 0 or math.isnan(norm_type):
         raise ValueError(f"norm_type must be positive (or inf), got {norm_type}")
-    sharded, replicated = [], []
+    sharded, replicated, group = [], [], None
     for p in model.parameters():
+        if is_sharded(p):
+            group = shard_info(p).group
         if p.grad is not None:
-            (sharded if hasattr(p, _OWNER) else replicated).append(p.grad)
+            (sharded if is_sharded(p) else replicated).append(p.grad)
     grads = sharded + replicated
-    all_units = units(model)
-    device = grads[0].device if grads else (all_units[0].device if all_units else torch.device("cpu"))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inf = math.isinf(norm_type)
 
     def reduce(gs: list[torch.Tensor]) -> torch.Tensor:
@@ -45,8 +46,8 @@ def clip_grad_norm_(
         return acc
 
     total = reduce(sharded)
-    if all_units:
-        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=all_units[0].group)
+    if group is not None:  # every rank reduces, even one whose pieces got no gradient
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
     local = reduce(replicated)
     total = torch.maximum(total, local) if inf else (total + local) ** (1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total):

@@ -9,7 +9,7 @@ import torch
 
 from .granularity import GranularitySpec, check_granularity, cuts_for
 from .layout import Layout, TensorSpec
-from .planner import Plan, plan_buffers, plan_unit
+from .search import Plan, plan_buffers, plan_unit
 
 
 def _shape(size: object, index: int) -> tuple[int, ...]:

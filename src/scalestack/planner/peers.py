@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .search import round_up as _round_up
+
 Shape = tuple[int, ...]
 
 RULES = {
@@ -16,10 +18,6 @@ RULES = {
     "DeepSpeed ZeRO-3": "each parameter flattened and padded to a multiple of W (ceil(numel/W) per rank)",
     "Megatron-FSDP": "one flat buffer per unit, padded to a multiple of W x LCM(row sizes) (row-aligned slices)",
 }
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def fsdp2(shapes: Sequence[Shape], world: int) -> int:

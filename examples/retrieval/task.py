@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..decode.retriever import encode_queries
+from scalestack.decode.retriever import encode_queries
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<none>"]
 LEVEL_NAMES = ("cat", "sub", "var")

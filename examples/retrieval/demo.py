@@ -1,6 +1,6 @@
 """Train a generative retriever with scalestack FSDP, then serve it under a changing business rule.
 
-    torchrun --standalone --nproc_per_node=2 -m scalestack.train.retrieval_demo --out runs/retrieval
+    torchrun --standalone --nproc_per_node=2 examples/retrieval/demo.py --out runs/retrieval
     scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/fresh.ids \\
         --queries runs/retrieval/queries.tsv
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import scalestack as ss
 from scalestack.decode.retriever import Retriever, save_retriever
 from scalestack.models.gpt import GPT, GPTConfig
-from scalestack.train.retrieval_task import RetrievalTask, write_task_files
+from task import RetrievalTask, write_task_files
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit(
-            "launch with torchrun: torchrun --standalone --nproc_per_node=2 -m scalestack.train.retrieval_demo"
+            "launch with torchrun: torchrun --standalone --nproc_per_node=2 examples/retrieval/demo.py"
         )
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -7,11 +7,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..fsdp.granularity import check_granularity, cuts_for
-from ..fsdp.layout import TensorSpec
-from ..fsdp.peers import PEERS, RULES
-from ..fsdp.planner import plan_buffers
-from ..models.configs import BUILTIN, ModelShapes, load_model_shapes
+from ..planner.granularity import check_granularity, cuts_for
+from ..planner.layout import TensorSpec
+from ..planner.model_shapes import BUILTIN, ModelShapes, load_model_shapes
+from ..planner.peers import PEERS, RULES
+from ..planner.search import plan_buffers
 
 GIB = 2**30
 # bytes per element of the per-rank shard: fp32 master + fp32 grad, then optimizer state

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..models.configs import ConfigError
-from . import plan_command, retrieve_command
+from ..planner.model_shapes import ConfigError
+from . import plan, retrieve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scalestack", description="scalestack: ragged, structure-aware FSDP")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan_command.add_parser(sub)
-    retrieve_command.add_parser(sub)
+    plan.add_parser(sub)
+    retrieve.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

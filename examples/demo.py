@@ -1,6 +1,6 @@
 """The demo: a character-level GPT trained with scalestack on local ranks, on public-domain text.
 
-    torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo [--steps 600] [--data FILE]
+    torchrun --standalone --nproc_per_node=2 examples/demo.py [--steps 600] [--data FILE]
 
 Prints the loss falling, per-rank memory of parameters + gradients + AdamW state against the unsharded
 figure, communication per step, and a sample from the trained model.
@@ -19,7 +19,7 @@ import torch.distributed as dist
 import scalestack as ss
 from scalestack.models.gpt import GPT, GPTConfig
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "data" / "public_domain.txt"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "public_domain.txt"
 
 
 def log(*args) -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     if "RANK" not in os.environ:
-        raise SystemExit("launch with torchrun: torchrun --standalone --nproc_per_node=2 -m scalestack.train.demo")
+        raise SystemExit("launch with torchrun: torchrun --standalone --nproc_per_node=2 examples/demo.py")
     if not args.data.is_file():
         raise SystemExit(f"training text not found at {args.data}; pass --data FILE")
     dist.init_process_group("gloo")

@@ -45,7 +45,7 @@ _Key = tuple[tuple[int, Cuts], ...]  # (numel, cuts) per tensor: all the planner
 _INF = math.inf
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
@@ -207,7 +207,7 @@ def _next_viable(u: _Unit, S: int, align: int) -> int:
     """An aligned S' >= S below which ``_viable`` fails: the smallest that passes every class's chain test
     (each class jumps to its next pass until all agree)."""
     while True:
-        start = S = _round_up(S, align)
+        start = S = round_up(S, align)
         for numel, c in u.cut_classes:
             if (numel - 1) // S < 2:
                 break
@@ -388,7 +388,7 @@ def _order_any(u: _Unit, S: int, W: int, align: int) -> list[int] | None:
 
 
 def _lower_bound(u: _Unit, W: int, align: int) -> int:
-    return _round_up(max(-(-u.total // W), u.granule, 1), align)
+    return round_up(max(-(-u.total // W), u.granule, 1), align)
 
 
 def _grid(S: int, u: _Unit, align: int, strict: bool = False) -> int:
@@ -406,7 +406,7 @@ def _grid(S: int, u: _Unit, align: int, strict: bool = False) -> int:
             # falls on the same residue), and the only practical choice once a tensor spans many windows
             if single or strict:
                 step = math.lcm(step, period)
-        nxt = _round_up(S, step)
+        nxt = round_up(S, step)
         if nxt == S:
             return S
         S = nxt
@@ -449,7 +449,7 @@ def _search(
             return None
     hi, hi_found = S, found
     while True:
-        mid = _grid(_round_up((lo + hi) // 2, align), u, align, strict)
+        mid = _grid(round_up((lo + hi) // 2, align), u, align, strict)
         if mid <= lo or mid >= hi:
             return hi, hi_found
         found = fits(mid)
@@ -506,7 +506,7 @@ def _plan_key(key: _Key, W: int, align: int) -> tuple[int, tuple[int, ...]]:
             return True if ends[s] <= s * W else None
 
         def hint(s: int, ends: dict = ends) -> int:  # the S that the failed walk's length asks for
-            return _round_up(-(-ends[s] // W), align) if ends[s] < _INF else 2 * s
+            return round_up(-(-ends[s] // W), align) if ends[s] < _INF else 2 * s
 
         found = _search(fits, u, W, align, best and best[0], hint=hint, strict=strict)
         if found is not None:
@@ -588,6 +588,7 @@ class Plan:
         """All-gathers per gather of the unit (and reduce-scatters per reduction)."""
         return len(self.buffers)
 
+    @property
     def shard_size(self) -> int:
         """Elements one rank holds over all buffers."""
         return sum(b.shard_size for b in self.buffers)

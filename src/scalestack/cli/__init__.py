@@ -1,0 +1,1 @@
+"""The ``scalestack`` command line: one file per command, each thin (parse, call the library, print)."""
