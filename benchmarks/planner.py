@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from scalestack.planner.search import clear_caches
-from scalestack.planner.model_shapes import load_model_shapes
 from scalestack.cli.plan import parse_granularity, plan_model
+from scalestack.planner.model_shapes import load_model_shapes
+from scalestack.planner.search import clear_caches
 
 
 def pct(total: int, numel: int) -> str:

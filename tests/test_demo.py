@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
-import pytest
 from pathlib import Path
 
+import pytest
 from dist_pool import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from scalestack.planner.peers import deepspeed_zero3, fsdp1, fsdp2, megatron_fsdp
-from scalestack.planner.model_shapes import ConfigError, load_model_shapes
-from scalestack.models.gpt import GPT, GPTConfig
 from scalestack.cli.main import main
 from scalestack.cli.plan import auto_unit, parse_granularity, plan_model
+from scalestack.models.gpt import GPT, GPTConfig
+from scalestack.planner.model_shapes import ConfigError, load_model_shapes
+from scalestack.planner.peers import deepspeed_zero3, fsdp1, fsdp2, megatron_fsdp
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import scalestack as ss
+from scalestack.cli.plan import parse_granularity, plan_model
 from scalestack.planner.granularity import Cuts, cuts_for
+from scalestack.planner.model_shapes import load_model_shapes
 from scalestack.planner.search import (
     _best_grouping,
     _Cut,
@@ -25,8 +27,6 @@ from scalestack.planner.search import (
     _walk,
     clear_caches,
 )
-from scalestack.planner.model_shapes import load_model_shapes
-from scalestack.cli.plan import parse_granularity, plan_model
 
 
 def brute_force_min_shard(shapes, grans, world, align):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from dist_pool import free_port
 
-from scalestack.decode.retriever import Retriever, read_ids
 from scalestack.cli.main import main as cli
+from scalestack.decode.retriever import Retriever, read_ids
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "retrieval"
 sys.path.insert(0, str(EXAMPLE))

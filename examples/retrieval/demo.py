@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from task import RetrievalTask, write_task_files
 
 import scalestack as ss
 from scalestack.decode.retriever import Retriever, save_retriever
 from scalestack.models.gpt import GPT, GPTConfig
-from task import RetrievalTask, write_task_files
 
 
 def main() -> None:

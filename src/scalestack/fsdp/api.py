@@ -163,8 +163,8 @@ def _group_of(mesh: DeviceMesh | ProcessGroup | None) -> ProcessGroup:
     raise TypeError(f"mesh must be None, a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}")
 
 
-def _check_options(mp_policy: Any, reshard_after_forward: Any, shard_placement_fn: Any, offload_policy: Any,
-                   granularity: Any, max_buffers: Any, group: ProcessGroup) -> bool | None:  # fmt: skip
+def _check_options(mp_policy: Any, shard_placement_fn: Any, offload_policy: Any, granularity: Any,
+                   max_buffers: Any) -> None:  # fmt: skip
     if not isinstance(mp_policy, MixedPrecisionPolicy):
         raise TypeError(
             f"mp_policy must be a scalestack.MixedPrecisionPolicy, got {type(mp_policy).__name__}; import it "
@@ -183,6 +183,9 @@ def _check_options(mp_policy: Any, reshard_after_forward: Any, shard_placement_f
         raise TypeError(f"max_buffers must be a positive int (1: one flat buffer per unit), got {max_buffers!r}")
     if max_buffers < 1:
         raise ValueError(f"max_buffers must be a positive int (1: one flat buffer per unit), got {max_buffers}")
+
+
+def _resolve_reshard(reshard_after_forward: Any, group: ProcessGroup) -> bool | None:
     if reshard_after_forward is None or isinstance(reshard_after_forward, bool):
         return reshard_after_forward
     world = dist.get_world_size(group)
@@ -224,9 +227,9 @@ def fully_shard(
     for m in modules:
         if isinstance(m, FSDPModule):
             raise ValueError(f"fully_shard was already applied to this {type(m).__bases__[-1].__name__}; call it once")
+    _check_options(mp_policy, shard_placement_fn, offload_policy, granularity, max_buffers)
     group = _group_of(mesh)
-    reshard = _check_options(mp_policy, reshard_after_forward, shard_placement_fn, offload_policy, granularity,
-                             max_buffers, group)  # fmt: skip
+    reshard = _resolve_reshard(reshard_after_forward, group)
     ignored = {id(p) for p in ignored_params or ()}
     unit = build_unit(modules, group, mp_policy, granularity, ignored, max_buffers)
     state = FSDPState(modules, unit, group, mp_policy, reshard)

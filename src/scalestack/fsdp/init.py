@@ -23,6 +23,7 @@ from .rank_check import check_ranks_agree
 from .state import FSDPState, StepContext, state_of
 from .unit import FlatBuffer, ShardedUnit
 
+_SHARDED_ORIGINAL = "_scalestack_replaced"  # on the parameter objects fully_shard replaced with pieces
 ALIGN_BYTES = 16  # every compute view starts 16-byte aligned, in the master and in the compute dtype
 
 
@@ -52,7 +53,7 @@ _Entry = tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]  # first name, pa
 def _collect(modules: list[nn.Module], ignored: set[int]) -> list[_Entry]:
     by_id: dict[int, _Entry] = {}
     for fqn, owner, attr, p in owned_params(modules, ignored):
-        if is_sharded(p):
+        if is_sharded(p) or hasattr(p, _SHARDED_ORIGINAL):
             raise ValueError(
                 f"parameter {fqn!r} is already sharded by another unit: a parameter cannot be shared "
                 "across units. Call fully_shard on submodules first (bottom-up), and put every module that uses "
@@ -105,6 +106,7 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
             full = nn.Parameter(mp.in_full(buf.gather), requires_grad=p.requires_grad)
             info = ShardInfo(slot.shape, piece.start, piece.end, local.shape, group, rank, world)
             mp.attach(sharded, full, info)
+            setattr(p, _SHARDED_ORIGINAL, True)
             by_entry[entry] = mp
     params = [by_entry[i] for i in range(len(entries))]  # model order, whatever buffer holds them
     unit = ShardedUnit(name, plan, buffers, params, group, rank, reduce)
