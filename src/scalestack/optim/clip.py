@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -12,28 +13,39 @@ from ..fsdp.param import is_sharded, shard_info
 
 
 def clip_grad_norm_(
-    model: nn.Module, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    parameters: nn.Module | Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> torch.Tensor:
-    """Scale all gradients of ``model`` so their global norm is at most ``max_norm``; return that norm.
+    """``torch.nn.utils.clip_grad_norm_`` for sharded parameters: the same global norm as unsharded clipping.
 
-    Sharded pieces are disjoint across ranks, so their contributions are summed (max for inf) with one
-    all-reduce; parameters outside any unit are replicated and counted once.
+    Takes what torch's takes (parameters or a model). Sharded pieces are disjoint across ranks, so their
+    contributions are summed (max for inf) with one all-reduce; parameters outside any unit are replicated
+    and counted once. ``foreach`` is accepted for torch's signature.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError("clip_grad_norm_ takes the fully_shard-ed model (an nn.Module)")
+    if isinstance(parameters, nn.Module):
+        params = list(parameters.parameters())
+    elif torch.is_tensor(parameters):
+        params = [parameters]
+    elif isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes)):
+        params = list(parameters)
+    else:
+        raise TypeError(f"clip_grad_norm_ takes parameters (or the model), got {type(parameters).__name__}")
     max_norm, norm_type = float(max_norm), float(norm_type)
     if max_norm < 0 or math.isnan(max_norm):
         raise ValueError(f"max_norm must be a non-negative number, got {max_norm}")
     if norm_type <= 0 or math.isnan(norm_type):
         raise ValueError(f"norm_type must be positive (or inf), got {norm_type}")
     sharded, replicated, group = [], [], None
-    for p in model.parameters():
+    for p in params:
         if is_sharded(p):
             group = shard_info(p).group
         if p.grad is not None:
             (sharded if is_sharded(p) else replicated).append(p.grad)
     grads = sharded + replicated
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((p.device for p in params), torch.device("cpu"))
     inf = math.isinf(norm_type)
 
     def reduce(gs: list[torch.Tensor]) -> torch.Tensor:
