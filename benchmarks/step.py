@@ -1,4 +1,5 @@
-"""One training step, side by side: scalestack vs PyTorch FSDP2 vs DDP, same model, data and W, on gloo.
+"""One training step, side by side: scalestack vs PyTorch FSDP2 (each also with activation checkpointing on
+every block) vs DDP, same model, data and W, on gloo (or NCCL with --device cuda).
 
 Each (round, system) runs in fresh processes, so peak memory is that system's alone; rounds rotate the
 order of systems so drift on a shared machine hits all of them alike. Printed per system:
@@ -9,7 +10,7 @@ order of systems so drift on a shared machine hits all of them alike. Printed pe
   copy       bytes written in forward + backward by copy kernels outside collectives (copy_, _foreach_copy_,
              split_with_sizes_copy, chunk_cat, _to_copy); the model itself calls none, the optimizer is left out
 
-    python benchmarks/step.py [--rounds 3] [--steps 6] [--world 2] [--systems scalestack,fsdp2,ddp]
+    python benchmarks/step.py [--rounds 3] [--steps 6] [--world 2] [--systems scalestack,fsdp2,...] [--device cuda]
 """
 
 from __future__ import annotations
@@ -113,20 +114,22 @@ class CommCounter:
         return counted
 
 
-def build(system: str, world: int):
+def build(system: str, world: int, device: torch.device):
     torch.manual_seed(0)
-    model = GPT(CFG)
-    if system == "scalestack":
-        import scalestack as ss
+    model = GPT(CFG).to(device)
+    system, _, ac = system.partition("+")
+    if ac:  # activation checkpointing on every block, the same wrapper for both systems
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        for block in model.layers:
-            ss.fully_shard(block)
-        ss.fully_shard(model)
-    elif system == "fsdp2":
+        model.layers = torch.nn.ModuleList(checkpoint_wrapper(b) for b in model.layers)
+    if system in ("scalestack", "fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        if system == "scalestack":
+            from scalestack import fully_shard
+        else:
+            from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
         for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -149,20 +152,25 @@ def ddp_counting_hook(counter: CommCounter):
     return hook
 
 
-def worker(rank: int, world: int, port: int, system: str, steps: int, results) -> None:
+def worker(rank: int, world: int, port: int, system: str, steps: int, device_type: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     counter = CommCounter()
-    base = rss_bytes()
-    model = build(system, world)
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    model = build(system, world, device)
     if system == "ddp":
         model.register_comm_hook(None, ddp_counting_hook(counter))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(100 + rank)
 
     def step(copies: CopyCounter | None = None):
-        x = torch.randint(0, CFG.vocab_size, (LOCAL_BATCH, CFG.block_size), generator=g)
+        x = torch.randint(0, CFG.vocab_size, (LOCAL_BATCH, CFG.block_size), generator=g).to(device)
         if copies is None:
             model(x, x).backward()
         else:
@@ -176,22 +184,37 @@ def worker(rank: int, world: int, port: int, system: str, steps: int, results) -
         dist.barrier()
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= 2:  # two warm-up steps (optimizer state allocation, lazy init)
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     counter.enabled = True
     copies = CopyCounter(counter)
+    grad_path = {}
+    if system.startswith("scalestack"):
+        import scalestack as ss
+
+        ss.reset_traffic()
     step(copies)
+    if system.startswith("scalestack"):
+        t = ss.traffic()
+        grad_path = {"zeroed": t.zero_bytes, "added": t.add_bytes}
     counter.enabled = False
-    results.put((rank, {"times": times, "peak": peak, "copy": copies.bytes, **counter.bytes}))
+    results.put((rank, {"times": times, "peak": peak, "copy": copies.bytes, **counter.bytes, **grad_path}))
     dist.destroy_process_group()
 
 
-def run(system: str, world: int, steps: int) -> dict:
+def run(system: str, world: int, steps: int, device_type: str) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, system, steps, results)) for r in range(world)]
+    procs = [
+        ctx.Process(target=worker, args=(r, world, port, system, steps, device_type, results)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out = dict(results.get(timeout=900) for _ in range(world))
@@ -202,7 +225,7 @@ def run(system: str, world: int, steps: int) -> dict:
     return {
         "times": [max(ts) for ts in zip(*(out[r]["times"] for r in range(world)))],  # a step ends on the slowest
         "peak": max(out[r]["peak"] for r in range(world)),
-        **{k: out[0][k] for k in ("ag", "rs", "ar", "copy")},
+        **{k: out[0][k] for k in ("ag", "rs", "ar", "copy", "zeroed", "added") if k in out[0]},
     }
 
 
@@ -211,24 +234,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--systems", default="scalestack,fsdp2,ddp")
+    ap.add_argument("--systems", default="scalestack,fsdp2,scalestack+ac,fsdp2+ac,ddp", help="+ac: checkpointing")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one rank per GPU, NCCL")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     systems = args.systems.split(",")
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by workers: freed tensors leave RSS
     nparams = sum(p.numel() for p in GPT(CFG).parameters())
+    backend = "NCCL/CUDA" if args.device == "cuda" else "gloo/CPU"
     print(
         f"model: GPT {CFG.n_layer}x{CFG.n_embd}, vocab {CFG.vocab_size}, {nparams / 1e6:.1f}M params; "
-        f"W={args.world} on gloo/CPU, local batch {LOCAL_BATCH}x{CFG.block_size}, AdamW, torch {torch.__version__}"
+        f"W={args.world} on {backend}, local batch {LOCAL_BATCH}x{CFG.block_size}, AdamW, torch {torch.__version__}"
     )
     acc = {s: {"times": [], "peak": []} for s in systems}
     for r in range(args.rounds):
         order = systems[r % len(systems) :] + systems[: r % len(systems)]
         for s in order:
-            res = run(s, args.world, args.steps)
+            res = run(s, args.world, args.steps, args.device)
             acc[s]["times"] += res["times"]
             acc[s]["peak"].append(res["peak"])
-            acc[s].update({k: res[k] for k in ("ag", "rs", "ar", "copy")})
+            acc[s].update({k: v for k, v in res.items() if k not in ("times", "peak")})
             print(f"  round {r + 1}: {s:10s} median {statistics.median(res['times']) * 1e3:7.1f} ms", flush=True)
     ref = statistics.median(acc[systems[0]]["times"])
     ref_peak = max(acc[systems[0]]["peak"])
@@ -247,7 +272,13 @@ def main() -> None:
             f"| {s} | {t * 1e3:.1f} | {t / ref:.2f}x | {peak / mib:.1f} | {peak / ref_peak:.2f}x | "
             f"{a['ag'] / mib:.2f} | {a['rs'] / mib:.2f} | {a['ar'] / mib:.2f} | {a['copy'] / mib:.2f} |"
         )
-        summary[s] = {"step_s": t, "peak_bytes": peak, **{k: a[k] for k in ("ag", "rs", "ar", "copy")}}
+        summary[s] = {"step_s": t, "peak_bytes": peak, **{k: v for k, v in a.items() if k not in ("times", "peak")}}
+    for s in systems:
+        if "zeroed" in acc[s]:
+            print(
+                f"{s}: instead of copies, the gradient path zeroed {acc[s]['zeroed'] / mib:.2f} MiB (fresh grad "
+                f"buffers) and autograd added {acc[s]['added'] / mib:.2f} MiB in place into their views per step"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
