@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo retrieval-demo bench lint clean
+.PHONY: setup test demo retrieval-demo bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,11 @@ retrieval-demo: setup
 	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/items.ids
 
 bench: setup
-	$(BIN)/torchrun --standalone --nproc_per_node=2 benchmarks/step.py
+	$(BIN)/python benchmarks/step.py
+
+# On a machine with GPUs: CUDA/NCCL tests and the step benchmark against FSDP2 (W = number of GPUs).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 lint: setup
 	$(BIN)/python -m ruff check .
