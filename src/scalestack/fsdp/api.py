@@ -216,8 +216,8 @@ def fully_shard(
     means True except for the root. ``ignored_params`` stay unsharded and unsynchronized.
 
     ``granularity`` says where a tensor may be cut between ranks: ``"element"``, ``"row"``, an int k
-    (blocks of k rows), ``"tensor"`` or a callable ``(name, param) -> one of these``. The default keeps
-    whole rows of every tensor with two or more dimensions, so pieces keep their dimensions. ``max_buffers``
+    (blocks of k rows), ``"tensor"`` or a callable ``(name, param) -> one of these``; the default,
+    ``"element"``, never pads. Under every granularity a piece keeps its tensor's dimensions. ``max_buffers``
     > 1 lets the planner split the unit into up to that many flat buffers (each its own collective) when
     that lowers padding; the unit still gathers and frees as one.
     """

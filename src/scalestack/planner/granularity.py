@@ -96,15 +96,10 @@ def _cuts_for(spec: GranularitySpec, shape: tuple[int, ...]) -> Cuts:
     return Cuts(matrix, tuple(j * k * row for j in range(-(-rows // k))))
 
 
-def default_granularity(shape: Sequence[int]) -> GranularitySpec:
-    """Whole rows for tensors of two or more dimensions (their pieces keep their dimensions), else elements."""
-    return "row" if len(shape) >= 2 else "element"
-
-
 def resolve_granularity(rule: GranularityRule, name: str, param: torch.Tensor) -> GranularitySpec:
     """Apply a unit-wide rule (a value, a callable ``(name, param) -> value`` or None) to one parameter."""
-    if rule is None:
-        return default_granularity(param.shape)
+    if rule is None:  # elements: zero padding at any W; pieces keep their dimensions anyway (fsdp/param.py)
+        return "element"
     if callable(rule):
         return check_granularity(rule(name, param), f"granularity({name!r})")
     return check_granularity(rule)
