@@ -83,7 +83,10 @@ class FSDPModule:
 
     def set_is_last_backward(self, is_last_backward: bool) -> None:
         """False: the end of backward does not wait for reduce-scatters still in flight (micro-batching)."""
-        _root_ctx(self, "set_is_last_backward").is_last_backward = bool(is_last_backward)
+        state = _state(self)
+        state.is_last_backward = bool(is_last_backward)
+        if state.ctx is not None:
+            state.ctx.is_last_backward = state.is_last_backward
 
     def set_modules_to_forward_prefetch(self, modules: list[FSDPModule]) -> None:
         """Units whose all-gather is issued when this unit's forward starts (replaces the implicit order)."""
@@ -124,13 +127,6 @@ class FSDPModule:
 def _units_under(module: nn.Module, recurse: bool) -> list[ShardedUnit]:
     states = [state_of(m) for m in (module.modules() if recurse else [module])]
     return list(dict.fromkeys(s.unit for s in states if s is not None and s.unit is not None))
-
-
-def _root_ctx(module: nn.Module, method: str):
-    ctx = _state(module).ctx
-    if ctx is None:
-        raise RuntimeError(f"{method} needs the root's step state: call it after the first forward of the model")
-    return ctx
 
 
 def _prefetch_states(modules: list[FSDPModule], method: str) -> list[FSDPState]:

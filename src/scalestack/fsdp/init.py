@@ -129,6 +129,7 @@ def lazy_init(root: FSDPState) -> None:
         if s.group is not root.group:
             raise ValueError("all units under one root must use the same process group / mesh")
     ctx = StepContext(states)
+    ctx.is_last_backward = root.is_last_backward
     for s in states:
         s.ctx = ctx
         s.is_root = s is root

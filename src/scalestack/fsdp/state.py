@@ -108,6 +108,7 @@ class StepContext:
         self.forward_order, self.post_forward_order = [], []
         for s in self.states:
             s.post_forward_indices.clear()
+            s.reset_group()
         self.state = StepState.FORWARD
 
     def end_forward(self) -> None:
@@ -193,6 +194,7 @@ class FSDPState:
         self.backward_prefetch: list[FSDPState] | None = None
         self.ctx: StepContext | None = None  # set at lazy init, shared by every state under one root
         self.is_root = False
+        self.is_last_backward = True  # set before the first forward; copied to the step context at lazy init
         self.post_forward_indices: list[int] = []  # where its forwards sit in ctx.post_forward_order
         self._to_run: set[int] = set()  # modules of this unit not yet through their forward in this round
 
@@ -217,7 +219,9 @@ class FSDPState:
         grad = torch.is_grad_enabled()
         if grad and _in_backward():  # a forward run by backward (reentrant checkpoint): its backward begins
             self.pre_backward()
-            return self._cast_inputs(*self._register_trigger(args, kwargs))
+            if unit is not None and not unit.ran_forward_with_grad:  # reentrant: the first forward had no graph
+                args, kwargs = self._register_trigger(args, kwargs)
+            return self._cast_inputs(args, kwargs)
         first = not self._to_run
         if first:
             self._to_run = {id(m) for m in self.modules}

@@ -206,6 +206,7 @@ class ShardedUnit:
         self.wait_for_unshard()
         if self.training_state is TrainingState.PRE_BACKWARD:
             return
+        self.finish_reduce()  # an earlier reduce of this unit reads the grad buffer: land it before reuse
         self.training_state = TrainingState.PRE_BACKWARD
         trainable = self.trainable()
         self._grad_buffers(trainable)
@@ -217,6 +218,7 @@ class ShardedUnit:
         """This backward's gradients are all in: reduce-scatter them (or keep them for accumulation), free."""
         self.triggers_pending = 0
         self.ran_forward_with_grad = False
+        self.finish_reduce()
         trainable = self.trainable()
         buffers = self._grad_buffers(trainable) if trainable else []
         training = {id(p) for p in trainable}
