@@ -38,16 +38,12 @@ class UnshardHandle:
             self._unit.wait_for_unshard()
 
 
-def _state(module: nn.Module) -> FSDPState:
-    return module.__dict__[STATE_ATTR]
-
-
 class FSDPModule:
     """Mixed into the class of every module passed to ``fully_shard`` (FSDP2's method names and meanings)."""
 
     def unshard(self, async_op: bool = False) -> UnshardHandle | None:
         """All-gather this unit's parameters; with ``async_op`` return a handle to ``wait()`` on."""
-        unit = _state(self).unit
+        unit = state_of(self).unit
         if unit is not None:
             unit.unshard(async_op=True)
         handle = UnshardHandle(unit)
@@ -58,7 +54,7 @@ class FSDPModule:
 
     def reshard(self) -> None:
         """Free the full parameters; the module shows its sharded pieces again."""
-        unit = _state(self).unit
+        unit = state_of(self).unit
         if unit is not None:
             unit.reshard()
 
@@ -83,22 +79,22 @@ class FSDPModule:
 
     def set_is_last_backward(self, is_last_backward: bool) -> None:
         """False: the end of backward does not wait for reduce-scatters still in flight (micro-batching)."""
-        state = _state(self)
+        state = state_of(self)
         state.is_last_backward = bool(is_last_backward)
         if state.ctx is not None:
             state.ctx.is_last_backward = state.is_last_backward
 
     def set_modules_to_forward_prefetch(self, modules: list[FSDPModule]) -> None:
         """Units whose all-gather is issued when this unit's forward starts (replaces the implicit order)."""
-        _state(self).forward_prefetch = _prefetch_states(modules, "set_modules_to_forward_prefetch")
+        state_of(self).forward_prefetch = _prefetch_states(modules, "set_modules_to_forward_prefetch")
 
     def set_modules_to_backward_prefetch(self, modules: list[FSDPModule]) -> None:
         """Units whose all-gather is issued when this unit's backward starts (replaces the implicit order)."""
-        _state(self).backward_prefetch = _prefetch_states(modules, "set_modules_to_backward_prefetch")
+        state_of(self).backward_prefetch = _prefetch_states(modules, "set_modules_to_backward_prefetch")
 
     def reset_iter_state(self) -> None:
         """After an exception in forward or backward: wait for what is in flight, reshard, forget the step."""
-        ctx = _state(self).ctx
+        ctx = state_of(self).ctx
         if ctx is not None:
             ctx.reset()
 
@@ -113,7 +109,15 @@ class FSDPModule:
                     ".to()/.half()/.cuda() before fully_shard, or use MixedPrecisionPolicy(param_dtype=...) "
                     "to compute in another dtype"
                 )
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        for unit in _units_under(self, True):  # a transform that kept dtype and device may still have re-bound
+            storages = {b.shard.untyped_storage().data_ptr() for b in unit.buffers}
+            if any(p.sharded.untyped_storage().data_ptr() not in storages for p in unit.params):
+                raise RuntimeError(
+                    f"{fn} replaced the sharded parameters of unit {unit.name!r}, detaching them from their shards "
+                    "(training would update tensors that are never gathered); apply it before fully_shard"
+                )
+        return out
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         if assign:
@@ -135,7 +139,7 @@ def _prefetch_states(modules: list[FSDPModule], method: str) -> list[FSDPState]:
     for m in modules:
         if not isinstance(m, FSDPModule):
             raise ValueError(f"{method}: {type(m).__name__} was not passed to fully_shard, so it cannot be prefetched")
-    return [_state(m) for m in modules]
+    return [state_of(m) for m in modules]
 
 
 def _group_of(mesh: DeviceMesh | ProcessGroup | None) -> ProcessGroup:
@@ -250,7 +254,7 @@ def register_fsdp_forward_method(module: nn.Module, method_name: str) -> None:
     if not callable(getattr(module, method_name, None)):
         raise ValueError(f"{type(module).__name__} has no method {method_name!r}")
     method = getattr(module, method_name)
-    state = _state(module)
+    state = state_of(module)
 
     @functools.wraps(method)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -265,7 +269,7 @@ def layout(module: nn.Module) -> Plan:
     flat buffer (one unless ``max_buffers`` > 1 and splitting paid), each naming the tensors it holds."""
     if not isinstance(module, FSDPModule):
         raise ValueError(f"{type(module).__name__} was not passed to fully_shard, so it has no layout")
-    unit = _state(module).unit
+    unit = state_of(module).unit
     if unit is None:
         raise ValueError(f"{type(module).__name__} is a unit with no parameters of its own, so it has no layout")
     return unit.plan

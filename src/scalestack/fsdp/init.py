@@ -98,7 +98,7 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
         buffers.append(buf)
         for entry, slot, piece in zip(lay.tensor_indices, lay.slots, lay.pieces(rank)):
             fqn, p, uses = entries[entry]
-            mp = ManagedParam(fqn, uses, index, lay, slot, piece)
+            mp = ManagedParam(fqn, uses, index, slot, piece)
             local = mp.in_shard(buf.shard)
             with torch.no_grad():
                 local.copy_(mp.in_global(p.detach()).view(local.shape))
@@ -109,7 +109,7 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
             setattr(p, _SHARDED_ORIGINAL, True)
             by_entry[entry] = mp
     params = [by_entry[i] for i in range(len(entries))]  # model order, whatever buffer holds them
-    unit = ShardedUnit(name, plan, buffers, params, group, rank, reduce)
+    unit = ShardedUnit(name, plan, buffers, params, group, reduce)
     unit._to_sharded()  # the module shows its sharded pieces
     guard_dcp(unit)
     return unit

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.distributed import ProcessGroup
 
-from ..planner.layout import Layout, Piece, TensorSlot
+from ..planner.layout import Piece, TensorSlot
 
 _INFO = "_scalestack_shard_info"
 
@@ -97,8 +97,8 @@ def shard_info(param: torch.Tensor) -> ShardInfo:
 class ManagedParam:
     """A parameter of a unit: where it is registered, its piece of the shard and its slot in the gather."""
 
-    def __init__(self, fqn: str, uses: list[tuple[nn.Module, str]], buffer_index: int, layout: Layout,
-                 slot: TensorSlot, piece: Piece) -> None:  # fmt: skip
+    def __init__(self, fqn: str, uses: list[tuple[nn.Module, str]], buffer_index: int, slot: TensorSlot,
+                 piece: Piece) -> None:  # fmt: skip
         self.fqn = fqn
         self.uses = uses  # every (module, attribute) that registers it (tied weights)
         self.buffer_index = buffer_index  # which of the unit's flat buffers holds it

@@ -15,7 +15,6 @@ makes sure the parameters are gathered (no prefetch, no reshard, no trigger).
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from enum import Enum, auto
 from typing import Any
 
@@ -44,7 +43,7 @@ class StepState(Enum):
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in ``obj``: nested tuples, lists, dicts (Hugging Face ``ModelOutput``s), dataclasses."""
+    """Every tensor in ``obj``: nested tuples, lists, dicts, dataclasses (pytree misses dataclasses)."""
     out: list[torch.Tensor] = []
     stack, seen = [obj], set()
     while stack:
@@ -56,7 +55,7 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
         elif isinstance(x, (list, tuple)):
             seen.add(id(x))
             stack.extend(x)
-        elif isinstance(x, (dict, OrderedDict)):
+        elif isinstance(x, dict):  # Hugging Face ModelOutput is an OrderedDict
             seen.add(id(x))
             stack.extend(x.values())
         elif dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -105,11 +104,14 @@ class StepContext:
         if self.forward_order:
             order = list(dict.fromkeys(self.forward_order))
             self._forward_next = dict(zip(order, order[1:]))
+        self._clear_orders()
+        self.state = StepState.FORWARD
+
+    def _clear_orders(self) -> None:
         self.forward_order, self.post_forward_order = [], []
         for s in self.states:
             s.post_forward_indices.clear()
-            s.reset_group()
-        self.state = StepState.FORWARD
+            s.to_run.clear()
 
     def end_forward(self) -> None:
         """Units the implicit prefetch gathered but this forward did not run (early exit): free them now."""
@@ -173,10 +175,8 @@ class StepContext:
         for s in self.states:
             if s.unit is not None:
                 s.unit.reset()
-            s.post_forward_indices.clear()
-            s.reset_group()
+        self._clear_orders()
         self.in_flight.clear()
-        self.forward_order, self.post_forward_order = [], []
         self.state = StepState.IDLE
 
 
@@ -196,14 +196,11 @@ class FSDPState:
         self.is_root = False
         self.is_last_backward = True  # set before the first forward; copied to the step context at lazy init
         self.post_forward_indices: list[int] = []  # where its forwards sit in ctx.post_forward_order
-        self._to_run: set[int] = set()  # modules of this unit not yet through their forward in this round
+        self.to_run: set[int] = set()  # modules of this unit not yet through their forward in this round
 
     def __repr__(self) -> str:
         name = self.unit.name if self.unit is not None else type(self.modules[0]).__name__
         return f"FSDPState({name!r}, root={self.is_root}, {len(self.modules)} module(s))"
-
-    def reset_group(self) -> None:
-        self._to_run = set()
 
     # ------------------------------------------------------------------ forward
     @_dynamo_disable
@@ -222,12 +219,12 @@ class FSDPState:
             if unit is not None and not unit.ran_forward_with_grad:  # reentrant: the first forward had no graph
                 args, kwargs = self._register_trigger(args, kwargs)
             return self._cast_inputs(args, kwargs)
-        first = not self._to_run
+        first = not self.to_run
         if first:
-            self._to_run = {id(m) for m in self.modules}
             ctx = self.ctx
             if self.is_root:
-                ctx.begin_forward()
+                ctx.begin_forward()  # clears every unit's to_run: a forward that skipped a list unit's module
+            self.to_run = {id(m) for m in self.modules}
             ctx.forward_order.append(self)
             if unit is not None:
                 with torch.profiler.record_function("scalestack::pre_forward"):
@@ -249,8 +246,8 @@ class FSDPState:
             tensors = [t for t in tensors_in(output) if t.requires_grad]
             if tensors:
                 torch.autograd.graph.register_multi_grad_hook(tensors, self._on_output_grad, mode="any")
-        self._to_run.discard(id(module))
-        if self._to_run:
+        self.to_run.discard(id(module))
+        if self.to_run:
             return self._cast_output(output)  # other modules of this unit still have to run
         ctx = self.ctx
         ctx.post_forward_order.append(self)

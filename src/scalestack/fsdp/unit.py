@@ -86,15 +86,13 @@ class ShardedUnit:
     """The parameters of one ``fully_shard`` call; gathered, reduced and freed together."""
 
     def __init__(self, name: str, plan: Plan, buffers: list[FlatBuffer], params: list[ManagedParam],
-                 group: ProcessGroup, rank: int, reduce_dtype: torch.dtype) -> None:  # fmt: skip
+                 group: ProcessGroup, reduce_dtype: torch.dtype) -> None:  # fmt: skip
         self.name = name
         self.plan = plan
         self.buffers = buffers
         self.params = params
         self.group = group
-        self.rank = rank
         self.reduce_dtype = reduce_dtype
-        self.reshard_after_forward = True
         self.reshard_after_backward = True
         self.requires_gradient_sync = True
         self.state = ShardState.SHARDED
@@ -102,14 +100,14 @@ class ShardedUnit:
         self.ran_forward_with_grad = False  # since its last post-backward: it owes a post-backward
         self.triggers_pending = 0  # post-backward triggers registered on its inputs and not yet fired
         self._gathers: list[comm.PendingGather] = []
-        self._views_set = False  # the full parameters' .grad are views of the grad buffers
-        self._received: set[int] = set()  # params (by index) with a local gradient in this accumulation window
+        self._received: set[ManagedParam] = set()  # params with a local gradient in this accumulation window
+        self._hooked: set[ManagedParam] = set()  # full tensors that report gradients (hooks need requires_grad)
         self._pending: list[_PendingReduce] = []
-        self._pending_flags: tuple[Work | None, torch.Tensor, list[ManagedParam]] | None = None
+        # the flags all-reduce, its tensor, the reduced params and which of them got a gradient here
+        self._pending_flags: tuple[Work | None, torch.Tensor, list[ManagedParam], list[bool]] | None = None
         for b in buffers:  # the parameter views exist now: their storage can go until the first gather
             _free(b.gather)
             _free(b.grad)
-        self._hooked: set[int] = set()  # params whose full tensor reports its gradients (hooks need requires_grad)
 
     @property
     def device(self) -> torch.device:
@@ -163,12 +161,12 @@ class ShardedUnit:
             g.wait()
 
     def _to_unsharded(self) -> None:
-        for i, p in enumerate(self.params):
+        for p in self.params:
             if p.unsharded.requires_grad != p.sharded.requires_grad:  # frozen or unfrozen after fully_shard
                 p.unsharded.requires_grad_(p.sharded.requires_grad)
-            if p.unsharded.requires_grad and i not in self._hooked:
-                p.unsharded.register_post_accumulate_grad_hook(lambda _, i=i: self._received.add(i))
-                self._hooked.add(i)
+            if p.unsharded.requires_grad and p not in self._hooked:
+                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._received.add(p))
+                self._hooked.add(p)
             for module, attr in p.uses:
                 module._parameters[attr] = p.unsharded
 
@@ -212,13 +210,13 @@ class ShardedUnit:
         self._grad_buffers(trainable)
         for p in trainable:
             p.unsharded.grad = p.in_full(self.buffers[p.buffer_index].grad)
-        self._views_set = True
 
     def post_backward(self) -> None:
         """This backward's gradients are all in: reduce-scatter them (or keep them for accumulation), free."""
+        views_set = self.training_state is TrainingState.PRE_BACKWARD  # .grad are views of the grad buffers
         self.triggers_pending = 0
         self.ran_forward_with_grad = False
-        self.finish_reduce()
+        self.finish_reduce()  # an earlier reduce of this unit still reading the grad buffer lands first
         trainable = self.trainable()
         buffers = self._grad_buffers(trainable) if trainable else []
         training = {id(p) for p in trainable}
@@ -228,11 +226,10 @@ class ShardedUnit:
                 continue
             view = p.in_full(self.buffers[p.buffer_index].grad)
             if g.data_ptr() != view.data_ptr():  # autograd made a new tensor instead of adding into the view
-                view.copy_(g) if self._views_set else view.add_(g)  # the new tensor already holds the view
+                view.copy_(g) if views_set else view.add_(g)  # the new tensor already holds the view
                 comm.count_copy(view)
-        self._views_set = False
-        for i in self._received:
-            comm.count_add(self.params[i].unsharded)
+        for p in self._received:
+            comm.count_add(p.unsharded)
         self.training_state = TrainingState.POST_BACKWARD
         if buffers:
             if self.requires_gradient_sync:
@@ -252,11 +249,9 @@ class ShardedUnit:
         _free(b.grad)
 
     def _reduce_scatter(self, buffers: list[FlatBuffer], trainable: list[ManagedParam]) -> None:
-        self.finish_reduce()  # a previous reduce still in flight (none in a normal step) lands first
         for b in buffers:  # one reduce-scatter per buffer, all in flight together
-            if b.accum is not None:
-                b.accum.add_(b.grad)
-                comm.count_copy(b.accum)
+            if b.accum is not None:  # the last micro-batch joins the ones accumulated in the reduce dtype
+                self._accumulate(b)
                 full, b.accum = b.accum, None
             else:
                 full = comm.cast(b.grad, self.reduce_dtype)
@@ -266,10 +261,9 @@ class ShardedUnit:
                 _free(b.grad)
         # Which trainable parameters got a gradient on any rank: those are handed out (zeros where a rank
         # had none), the rest keep .grad None as in the unsharded model. The same on every rank.
-        index = {id(p): i for i, p in enumerate(self.params)}
-        flags = torch.tensor([index[id(p)] in self._received for p in trainable], dtype=torch.int32,
-                             device=self.device)  # fmt: skip
-        self._pending_flags = (comm.all_reduce_flags(flags, self.group), flags, trainable)
+        here = [p in self._received for p in trainable]
+        flags = torch.tensor(here, dtype=torch.int32, device=self.device)
+        self._pending_flags = (comm.all_reduce_flags(flags, self.group), flags, trainable, here)
         self._received.clear()
 
     @property
@@ -284,7 +278,7 @@ class ShardedUnit:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        work, flags, params = self._pending_flags
+        work, flags, params, here = self._pending_flags
         self._pending_flags = None
         with torch.profiler.record_function("scalestack::wait_reduce_scatter"):
             for r in pending:
@@ -297,7 +291,8 @@ class ShardedUnit:
             if r.source is r.buffer.grad:
                 _free(r.buffer.grad)
             grads[id(r.buffer)] = comm.cast(r.output, r.buffer.shard.dtype)
-        for p, got in zip(params, flags.tolist()):
+        # read the flags (a device-to-host sync) only when some parameter got no gradient on this rank
+        for p, got in zip(params, here if all(here) else flags.tolist()):
             if not got:
                 continue
             view = p.in_shard(grads[id(self.buffers[p.buffer_index])])
@@ -317,7 +312,6 @@ class ShardedUnit:
             _free(b.grad)
             b.accum = None
         self._received.clear()
-        self._views_set = False
         self.triggers_pending = 0
         self.ran_forward_with_grad = False
         self.reshard()
