@@ -459,3 +459,170 @@ def test_shard_info_on_every_granularity(pool, granularity):
             assert torch.Size(local_shape).numel() == end - start and equal and info_rank == rank
             assert info_world == world
             assert same_ndim, (name, local_shape, shape)
+
+
+# ------------------------------------------------------------------------ paths the review traced by hand
+def micro_batches(rank, world, n=2):
+    x, y, route = next(batches(1))
+    xl, yl, rl = (local(t, rank, world) for t in (x, y, route))
+    k = xl.shape[0] // n
+    assert k * n == xl.shape[0], "micro-batches must cover the local batch"
+    parts = [tuple(t[i * k : (i + 1) * k] for t in (xl, yl, rl)) for i in range(n)]
+    return parts, (x, y, route)
+
+
+def last_backward_case(rank, world, group):
+    """set_is_last_backward(False) (set before the first forward) with a reduce every micro-batch: each
+    unit's earlier reduce-scatter must land before its grad buffer takes the next micro-batch's gradients."""
+    ref, model = make("plain")
+    shard(model, group)
+    parts, full = micro_batches(rank, world)
+    for i, part in enumerate(parts):
+        model.set_is_last_backward(i == len(parts) - 1)
+        (model(*part) / len(parts)).backward()
+    ref(*full).backward()
+    return _grad_errors(model, ref)
+
+
+def _grad_errors(model: nn.Module | list[nn.Parameter], ref: nn.Module) -> float:
+    """Worst relative error of the sharded gradients (the pieces, as the optimizer sees them)."""
+    worst = 0.0
+    pieces = list(model.parameters()) if isinstance(model, nn.Module) else model
+    for p, q in zip(pieces, ref.parameters()):
+        info = ss.shard_info(p)
+        if info.end > info.start:
+            expected = q.grad.reshape(-1)[info.start : info.end].view(p.grad.shape)
+            worst = max(worst, rel(p.grad, expected))
+    return worst
+
+
+def test_reduce_every_micro_batch_without_waiting(pool):
+    assert max(pool.run(last_backward_case, 3)) < 1e-5
+
+
+def nested_ac_case(rank, world, group):
+    """A sub-unit inside a checkpointed block (torchtitan's experts-in-a-block pattern): its recompute must
+    not register a trigger that never fires."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ref, model = make("plain")
+    for i, block in enumerate(model.blocks):
+        ss.fully_shard(block.fc, mesh=group)
+        model.blocks[i] = checkpoint_wrapper(block)
+        ss.fully_shard(model.blocks[i], mesh=group)
+    ss.fully_shard(model, mesh=group)
+    ref.blocks = nn.ModuleList(checkpoint_wrapper(b) for b in ref.blocks)
+    x, y, route = next(batches(1))
+    with ss.record_collectives() as log:
+        model(local(x, rank, world), local(y, rank, world), local(route, rank, world)).backward()
+    ref(x, y, route).backward()
+    kinds = [k for k, _ in log]
+    # every unit reduces during backward, before the root's end-of-backward reduce (one per trained buffer)
+    return _grad_errors(model, ref), kinds.count("all_gather"), kinds.count("reduce_scatter"), kinds[-2]
+
+
+def test_sub_unit_inside_a_checkpointed_block(pool):
+    err, gathers, reduces, second_last = pool.run(nested_ac_case, 2)[0]
+    assert err < 1e-5
+    assert gathers == 2 * 6 + 1 and reduces == 6 + 1  # 3 blocks + 3 sub-units, gathered twice; the root once
+    assert second_last == "reduce_scatter"  # the root's, last: nothing waited for the flush
+
+
+def eval_with_grad_case(rank, world, group):
+    """Forwards with grad enabled and no backward (an evaluation without no_grad) leave no trigger behind: the
+    next training step issues its collectives exactly as a step without them."""
+    ref, model = make("plain")
+    shard(model, group)
+    x, y, route = (local(t, rank, world) for t in next(batches(1)))
+    logs = []
+    for evals in (0, 2):
+        for _ in range(evals):
+            model(x, y, route)  # discarded: its graph is freed at once
+        with ss.record_collectives() as log:
+            model(x, y, route).backward()
+        logs.append([k for k, _ in log])
+        model.zero_grad()
+    return logs
+
+
+def test_forward_without_backward_leaves_no_trigger(pool):
+    clean, after_evals = pool.run(eval_with_grad_case, 2)[0]
+    # the same backward: blocks reduce during it (a leaked trigger would hold every reduce to the end);
+    # the root's all-gather is missing after the evaluations, which left it gathered (reshard_after_forward)
+    assert after_evals == clean[1:]
+
+
+def list_unit_case(rank, world, group):
+    """A list of modules as one unit whose second module one forward skips, then a normal step."""
+    ref, model = make("plain")
+    ss.fully_shard([model.blocks[0], model.blocks[1]], mesh=group)
+    ss.fully_shard(model, mesh=group)
+    x, y, route = (local(t, rank, world) for t in next(batches(1)))
+    skipped = model.blocks[1]
+    model.blocks[1] = _Skip()
+    with torch.no_grad():
+        model(x, y, route)
+    model.blocks[1] = skipped
+    xs, ys, routes = next(batches(1))
+    model(x, y, route).backward()
+    ref(xs, ys, routes).backward()
+    return _grad_errors(model, ref), [u.state.name for u in units(model)]
+
+
+class _Skip(nn.Module):
+    def forward(self, h, route):
+        return h
+
+
+def test_list_unit_after_a_forward_that_skipped_a_module(pool):
+    err, states = pool.run(list_unit_case, 2)[0]
+    assert err < 1e-5 and set(states) == {"SHARDED"}
+
+
+def kept_gathered_case(rank, world, group):
+    """Unfreeze a block while it stays gathered (reshard_after_backward=False): its gradient appears."""
+    ref, model = make("plain")
+    for m in (ref, model):
+        m.blocks[1].requires_grad_(False)
+    shard(model, group)
+    pieces = list(model.parameters())  # what an optimizer holds; the module shows full tensors while gathered
+    model.set_reshard_after_backward(False)
+    x, y, route = next(batches(1))
+    xl, yl, rl = (local(t, rank, world) for t in (x, y, route))
+    model(xl, yl, rl).backward()
+    torch.optim.SGD(pieces, lr=0.0).zero_grad()  # the optimizer's view: model.zero_grad() sees full tensors here
+    ref.zero_grad()
+    for m in (ref, model):
+        m.blocks[1].requires_grad_(True)  # on the full tensors the gathered module shows
+    model(xl, yl, rl).backward()
+    ref(x, y, route).backward()
+    fc_weight = pieces[[n for n, _ in ref.named_parameters()].index("blocks.1.fc.weight")]
+    return fc_weight.grad is not None, _grad_errors(pieces, ref)
+
+
+def test_unfreeze_while_kept_gathered(pool):
+    has_grad, err = pool.run(kept_gathered_case, 2)[0]
+    assert has_grad and err < 1e-5
+
+
+def rebind_case(rank, world, group, path):
+    import io
+
+    _, model = make("plain")
+    shard(model, group)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # per-rank pieces, plain tensors in the file
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    model.load_state_dict(loaded)
+    try:
+        model.to_empty(device="cpu")  # same dtype and device, new storage
+        return "no error", sorted(loaded)[:1]
+    except RuntimeError as e:
+        return str(e), sorted(loaded)[:1]
+
+
+def test_per_rank_save_load_and_rebinding_transforms(pool, tmp_path):
+    message, keys = pool.run(rebind_case, 2, str(tmp_path))[0]
+    assert keys == ["blocks.0.fc.bias"]
+    assert "detaching them from their shards" in message

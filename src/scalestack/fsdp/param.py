@@ -107,6 +107,7 @@ class ManagedParam:
         self.local_shape = piece_shape(piece.start, piece.end, slot.shape)
         self.sharded: nn.Parameter | None = None
         self.unsharded: nn.Parameter | None = None
+        self.synced_requires_grad = False  # requires_grad of both tensors at their last sync
 
     def in_full(self, flat: torch.Tensor) -> torch.Tensor:
         """This tensor's slot of a W*S buffer (gather, grad), in the parameter's shape."""
@@ -122,6 +123,7 @@ class ManagedParam:
 
     def attach(self, sharded: nn.Parameter, unsharded: nn.Parameter, info: ShardInfo) -> None:
         self.sharded, self.unsharded = sharded, unsharded
+        self.synced_requires_grad = sharded.requires_grad
         for t in (sharded, unsharded):
             setattr(t, _INFO, info)
 

@@ -69,17 +69,34 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _Trigger:
+    """One pending post-backward trigger of a unit. A graph freed without a backward (a grad-enabled
+    evaluation forward, a skipped step) frees its trigger too, which takes back its count."""
+
+    def __init__(self, state: FSDPState) -> None:
+        self.state, self.fired = state, False
+        state.unit.triggers_pending += 1
+
+    def fire(self) -> None:
+        self.fired = True
+        self.state.on_trigger()
+
+    def __del__(self) -> None:
+        if not self.fired:
+            self.state.unit.triggers_pending -= 1
+
+
 class _PostBackward(torch.autograd.Function):
     """Identity on a unit's inputs; its backward runs once the inputs' gradients are complete."""
 
     @staticmethod
-    def forward(ctx, state: FSDPState, *tensors: torch.Tensor):
-        ctx.state = state
+    def forward(ctx, trigger: _Trigger, *tensors: torch.Tensor):
+        ctx.trigger = trigger
         return tensors
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        ctx.state.on_trigger()
+        ctx.trigger.fire()
         return (None, *grads)
 
 
@@ -197,6 +214,7 @@ class FSDPState:
         self.is_last_backward = True  # set before the first forward; copied to the step context at lazy init
         self.post_forward_indices: list[int] = []  # where its forwards sit in ctx.post_forward_order
         self.to_run: set[int] = set()  # modules of this unit not yet through their forward in this round
+        self.expects_backward = False  # an output of this round needs a gradient (its pre-backward will run)
 
     def __repr__(self) -> str:
         name = self.unit.name if self.unit is not None else type(self.modules[0]).__name__
@@ -225,6 +243,7 @@ class FSDPState:
             if self.is_root:
                 ctx.begin_forward()  # clears every unit's to_run: a forward that skipped a list unit's module
             self.to_run = {id(m) for m in self.modules}
+            self.expects_backward = False
             ctx.forward_order.append(self)
             if unit is not None:
                 with torch.profiler.record_function("scalestack::pre_forward"):
@@ -246,12 +265,14 @@ class FSDPState:
             tensors = [t for t in tensors_in(output) if t.requires_grad]
             if tensors:
                 torch.autograd.graph.register_multi_grad_hook(tensors, self._on_output_grad, mode="any")
+                self.expects_backward = True
         self.to_run.discard(id(module))
         if self.to_run:
             return self._cast_output(output)  # other modules of this unit still have to run
         ctx = self.ctx
-        ctx.post_forward_order.append(self)
-        self.post_forward_indices.append(len(ctx.post_forward_order) - 1)
+        if self.expects_backward:  # the backward prefetch follows only units whose backward will run
+            ctx.post_forward_order.append(self)
+            self.post_forward_indices.append(len(ctx.post_forward_order) - 1)
         if unit is not None:
             keep = self.is_root if self.reshard_after_forward is None else not self.reshard_after_forward
             unit.post_forward(reshard=not keep or (not grad and not self.is_root))
@@ -272,10 +293,9 @@ class FSDPState:
         index = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
         if not index:
             return args, kwargs
-        outs = _PostBackward.apply(self, *(flat[i] for i in index))
+        outs = _PostBackward.apply(_Trigger(self), *(flat[i] for i in index))
         for i, t in zip(index, outs):
             flat[i] = t
-        self.unit.triggers_pending += 1
         return tree_unflatten(flat, spec)
 
     def _cast_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -307,6 +327,7 @@ class FSDPState:
                 u.unshard(async_op=True)
 
     def on_trigger(self) -> None:
+        self.ctx.begin_backward()  # in case no output hook of any unit fired (outputs in an unknown container)
         unit = self.unit
         unit.triggers_pending -= 1
         if unit.triggers_pending <= 0:

@@ -161,22 +161,36 @@ class ShardedUnit:
             g.wait()
 
     def _to_unsharded(self) -> None:
+        self._sync_requires_grad()
         for p in self.params:
-            if p.unsharded.requires_grad != p.sharded.requires_grad:  # frozen or unfrozen after fully_shard
-                p.unsharded.requires_grad_(p.sharded.requires_grad)
-            if p.unsharded.requires_grad and p not in self._hooked:
-                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._received.add(p))
-                self._hooked.add(p)
             for module, attr in p.uses:
                 module._parameters[attr] = p.unsharded
 
+    def _sync_requires_grad(self) -> None:
+        """Freezing or unfreezing after fully_shard sets the flag on whichever tensor the module showed: the
+        sharded piece, or the full tensor while gathered. The side that changed since the last sync wins."""
+        for p in self.params:
+            full = p.unsharded.requires_grad
+            wanted = full if full != p.synced_requires_grad else p.sharded.requires_grad
+            if p.sharded.requires_grad != wanted:
+                p.sharded.requires_grad_(wanted)
+            if full != wanted:
+                p.unsharded.requires_grad_(wanted)
+            p.synced_requires_grad = wanted
+            if wanted and p not in self._hooked:
+                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._received.add(p))
+                self._hooked.add(p)
+
     def _to_sharded(self) -> None:
+        self._sync_requires_grad()
         for p in self.params:
             for module, attr in p.uses:
                 module._parameters[attr] = p.sharded
 
     # ---------------------------------------------------------------- forward
     def pre_forward(self, grad_enabled: bool) -> None:
+        if self.state is ShardState.UNSHARDED:  # kept gathered (reshard_after_backward=False)
+            self._sync_requires_grad()
         self.wait_for_unshard()
         self.training_state = TrainingState.FORWARD
         self.ran_forward_with_grad |= grad_enabled
