@@ -4,8 +4,9 @@ every block) vs DDP, same model, data and W, on gloo (or NCCL with --device cuda
 Each (round, system) runs in fresh processes, so peak memory is that system's alone; rounds rotate the
 order of systems so drift on a shared machine hits all of them alike. Printed per system:
   step       median wall time of a training step (forward, backward, optimizer) over all rounds
-  peak MiB   peak resident memory per rank during training, above the process's memory before the model
-             was built (glibc is told to return freed blocks, so this follows live tensors)
+  peak MiB   peak resident memory per rank during the timed steps (after two warm-up steps), above the
+             process's memory before the model was built (glibc is told to return freed blocks, so this
+             follows live tensors); on CUDA, peak allocated bytes
   AG/RS/AR   bytes all-gathered (output size), reduce-scattered (input size), all-reduced, per step
   copy       bytes written in forward + backward by copy kernels outside collectives (copy_, _foreach_copy_,
              split_with_sizes_copy, chunk_cat, _to_copy); the model itself calls none, the optimizer is left out
@@ -19,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -48,6 +48,17 @@ def free_port() -> int:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM) at the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 class CopyCounter(TorchDispatchMode):
@@ -182,16 +193,15 @@ def worker(rank: int, world: int, port: int, system: str, steps: int, device_typ
     times = []
     for i in range(steps + 2):
         dist.barrier()
+        if i == 2:  # the training peak, not model construction or optimizer-state allocation
+            torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
         t0 = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
         if i >= 2:  # two warm-up steps (optimizer state allocation, lazy init)
             times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
     counter.enabled = True
     copies = CopyCounter(counter)
     grad_path = {}

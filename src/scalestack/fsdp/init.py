@@ -135,6 +135,7 @@ def lazy_init(root: FSDPState) -> None:
         s.is_root = s is root
         if s.unit is not None:
             s.unit.name = names.get(s.modules[0]) or "<root>"
+            s.unit.on_gradient = ctx.free_finished_reduces
     units = [s.unit for s in states if s.unit is not None]
     device = units[0].device if units else torch.device("cpu")
     check_ranks_agree(units, root.group, device)

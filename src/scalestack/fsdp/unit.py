@@ -18,6 +18,7 @@ neither prefetch nor reshard. The unit does the work; the hooks in ``state.py`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum, auto
 
 import torch
@@ -99,6 +100,9 @@ class ShardedUnit:
         self.training_state = TrainingState.IDLE
         self.ran_forward_with_grad = False  # since its last post-backward: it owes a post-backward
         self.triggers_pending = 0  # post-backward triggers registered on its inputs and not yet fired
+        # set by the root at lazy init: between gradient arrivals, finished reduce-scatters free their buffers
+        # (local bookkeeping only, no collective: safe at a point that differs across ranks)
+        self.on_gradient: Callable[[], None] | None = None
         self._gathers: list[comm.PendingGather] = []
         self._received: set[ManagedParam] = set()  # params with a local gradient in this accumulation window
         self._hooked: set[ManagedParam] = set()  # full tensors that report gradients (hooks need requires_grad)
@@ -178,8 +182,13 @@ class ShardedUnit:
                 p.unsharded.requires_grad_(wanted)
             p.synced_requires_grad = wanted
             if wanted and p not in self._hooked:
-                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._received.add(p))
+                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._on_gradient(p))
                 self._hooked.add(p)
+
+    def _on_gradient(self, p: ManagedParam) -> None:
+        self._received.add(p)
+        if self.on_gradient is not None:
+            self.on_gradient()
 
     def _to_sharded(self) -> None:
         self._sync_requires_grad()
