@@ -22,7 +22,6 @@ pytestmark = [
 
 def _worker(rank: int, world: int, port: int, case: str, results) -> None:
     import test_parity as kit
-    from test_engine import local
 
     import scalestack as ss
     from scalestack.fsdp.api import units
@@ -44,18 +43,11 @@ def _worker(rank: int, world: int, port: int, case: str, results) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         base = torch.cuda.memory_allocated()
-        losses, misaligned = [], []
-        for x, y, route in kit.batches(4):
-            x, y, route = x.to(device), y.to(device), route.to(device)
-            loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
-            loss.backward()
-            opt.step(), opt.zero_grad()
-            ref_loss = ref(x, y, route)
-            ref_loss.backward()
-            ref_opt.step(), ref_opt.zero_grad()
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            losses.append((loss.item() / world, ref_loss.item()))
+        misaligned = []
+        losses = [
+            kit.step_both(model, ref, opt, ref_opt, [t.to(device) for t in batch], rank, world, None)
+            for batch in kit.batches(4)
+        ]
         for u in units(model):
             u.unshard()
             misaligned += [p.fqn for p in u.params if p.unsharded.data_ptr() % 16]

@@ -126,6 +126,25 @@ def shard(model: Net, group, wrap=None, **kwargs) -> Net:
     return ss.fully_shard(model, mesh=group, **kwargs)
 
 
+def step_both(model, ref, opt, ref_opt, batch, rank, world, group, inspect=None) -> tuple[float, float]:
+    """One step of the sharded model on this rank's part of ``batch`` and of the reference on all of it;
+    ``inspect()`` runs after both backwards. Returns (global mean loss, reference loss)."""
+    x, y, route = batch
+    loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
+    loss.backward()
+    ref_loss = ref(x, y, route)
+    ref_loss.backward()
+    if inspect is not None:
+        inspect()
+    for o in (opt, ref_opt):
+        o.step(), o.zero_grad()
+    return global_mean(loss, group, world), ref_loss.item()
+
+
+def _none_grads(model: nn.Module) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.grad is None)
+
+
 def train(rank, world, group, kind, steps=5, wrap=None, after=None, schedule=None, shard_kwargs=None):
     """AdamW on both models; returns losses, parameter errors and each rank's collective sequence."""
     ref, model = make(kind)
@@ -136,22 +155,14 @@ def train(rank, world, group, kind, steps=5, wrap=None, after=None, schedule=Non
         after(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-    losses, grads_none = [], []
+    losses, grads_none = [], []  # grads_none: the sharded model's, then the reference's, every step
+    inspect = lambda: grads_none.extend([_none_grads(model), _none_grads(ref)])
     with ss.record_collectives() as log:
         for step, (x, y, route) in enumerate(batches(steps)):
             route = branch_route() if kind == "branch" else route
             if schedule is not None:
                 schedule(step, model, ref)
-            loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
-            loss.backward()
-            grads_none.append(sorted(n for n, p in model.named_parameters() if p.grad is None))
-            opt.step(), opt.zero_grad()
-            ref_loss = ref(x, y, route)
-            ref_loss.backward()
-            ref_none = sorted(n for n, p in ref.named_parameters() if p.grad is None)
-            ref_opt.step(), ref_opt.zero_grad()
-            losses.append((global_mean(loss, group, world), ref_loss.item()))
-            grads_none.append(ref_none)
+            losses.append(step_both(model, ref, opt, ref_opt, (x, y, route), rank, world, group, inspect))
     return {"losses": losses, "errors": param_errors(model, ref), "log": list(log), "grads_none": grads_none}
 
 
@@ -278,15 +289,7 @@ def compile_case(rank, world, group, whole):
             block.compile(backend="aot_eager")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    losses = []
-    for x, y, route in batches(3):
-        loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
-        loss.backward()
-        opt.step(), opt.zero_grad()
-        ref_loss = ref(x, y, route)
-        ref_loss.backward()
-        ref_opt.step(), ref_opt.zero_grad()
-        losses.append((global_mean(loss, group, world), ref_loss.item()))
+    losses = [step_both(model, ref, opt, ref_opt, batch, rank, world, group) for batch in batches(3)]
     inner = model._orig_mod if whole else model
     return {"losses": losses, "errors": param_errors(inner, ref)}
 
