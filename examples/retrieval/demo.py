@@ -34,9 +34,7 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=10)
     args = ap.parse_args()
     if "RANK" not in os.environ:
-        raise SystemExit(
-            "launch with torchrun: torchrun --standalone --nproc_per_node=2 examples/retrieval/demo.py"
-        )
+        raise SystemExit("launch with torchrun: torchrun --standalone --nproc_per_node=2 examples/retrieval/demo.py")
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..planner.granularity import check_granularity, cuts_for
+from ..planner.granularity import ElementBlocks, check_granularity, cuts_for
 from ..planner.layout import TensorSpec
 from ..planner.model_shapes import BUILTIN, ModelShapes, load_model_shapes
 from ..planner.peers import PEERS, RULES
@@ -19,9 +19,16 @@ OPTIMIZERS = {"AdamW": 8.0, "8-bit AdamW": 2.0 + 2 * 4 / 256, "Muon": 4.0}
 
 
 def parse_granularity(text: str):
-    """element | row | matrix | tensor | block:K | muon (matrices whole, the rest element)."""
+    """element | row | matrix | tensor | block:K (K rows) | elements:K (K elements) | muon (matrices whole)."""
     if text == "muon":
         return lambda name, shape: "tensor" if len(shape) == 2 else ("matrix" if len(shape) > 2 else "element")
+    if text.startswith("elements:"):
+        try:
+            spec = ElementBlocks(int(text.split(":", 1)[1]))
+        except ValueError:
+            msg = f"element blocks need a positive int, e.g. elements:256, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+        return lambda name, shape: spec
     if text.startswith("block:"):
         try:
             k = int(text.split(":", 1)[1])
@@ -31,7 +38,7 @@ def parse_granularity(text: str):
     try:
         spec = check_granularity(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e}; on the command line also block:K and muon") from None
+        raise argparse.ArgumentTypeError(f"{e}; on the command line also block:K, elements:K and muon") from None
     return lambda name, shape: spec
 
 
@@ -195,7 +202,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model")
     p.add_argument("--world", type=_positive, nargs="+", default=[64, 256, 1024], help="world size(s) W")
-    p.add_argument("--granularity", default="row", help="element | row | matrix | tensor | block:K | muon")
+    p.add_argument("--granularity", default="row", help="element | row | matrix | tensor | block:K | elements:K | muon")
     p.add_argument(
         "--unit",
         type=_unit,

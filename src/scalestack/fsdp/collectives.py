@@ -3,7 +3,8 @@
 ``traffic()`` reports bytes all-gathered (output size), bytes reduce-scattered (input size), the small
 all-reduces of "which parameters got a gradient" flags, bytes copied outside collectives (casts for mixed
 precision, accumulation into an existing sharded gradient) and the gradient path's own work: bytes zeroed
-(a fresh grad buffer) and bytes added into in place (autograd accumulating each gradient into its view).
+(a fresh grad buffer) and bytes added into in place (autograd accumulating each gradient into its view),
+and the optimizers' all-to-alls (bytes sent to other ranks: Muon moving pieces to their matrix's owner).
 ``record_collectives()`` logs the sequence of collectives, which must be the same on every rank.
 """
 
@@ -28,6 +29,8 @@ class Traffic:
     copy_bytes: int = 0
     zero_bytes: int = 0
     add_bytes: int = 0
+    all_to_alls: int = 0
+    all_to_all_bytes: int = 0  # sent to other ranks (the part a rank keeps for itself moves no bytes)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -138,6 +141,17 @@ def all_reduce_flags(flags: torch.Tensor, group: ProcessGroup) -> Work | None:
     _record("all_reduce_flags", flags)
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_reduce_flags"):
         return dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group: ProcessGroup) -> Work | None:  # fmt: skip
+    """Send ``input_splits[r]`` elements of ``input`` to rank r, receive ``output_splits[r]`` from it (async)."""
+    rank = dist.get_rank(group)
+    _traffic.all_to_alls += 1
+    _traffic.all_to_all_bytes += (sum(input_splits) - input_splits[rank]) * input.element_size()
+    _record("all_to_all", input)
+    with torch.no_grad(), torch.profiler.record_function("scalestack::all_to_all"):
+        return dist.all_to_all_single(output, input, output_splits, input_splits, group=group, async_op=True)
 
 
 def all_gather_blocking(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -> None:

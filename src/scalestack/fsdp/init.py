@@ -104,7 +104,9 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
                 local.copy_(mp.in_global(p.detach()).view(local.shape))
             sharded = nn.Parameter(local, requires_grad=p.requires_grad)
             full = nn.Parameter(mp.in_full(buf.gather), requires_grad=p.requires_grad)
-            info = ShardInfo(slot.shape, piece.start, piece.end, local.shape, group, rank, world)
+            info = ShardInfo(
+                slot.shape, piece.start, piece.end, local.shape, group, rank, world, slot.offset, lay.shard_size
+            )
             mp.attach(sharded, full, info)
             setattr(p, _SHARDED_ORIGINAL, True)
             by_entry[entry] = mp

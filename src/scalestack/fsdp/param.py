@@ -44,6 +44,8 @@ class ShardInfo:
     The rank holds elements ``[start, end)`` of the flattened global tensor, a view shaped ``local_shape``.
     ``rows`` is ``[first, last)`` of the rows (last dimension; 1-D tensors: elements) it touches;
     ``full_rows`` says whether it holds those rows whole. ``group``/``rank``/``world_size`` are the unit's.
+    ``range_of(r)`` is what rank r holds, known on every rank without communication (optimizers that move
+    pieces between ranks, such as Muon, plan their exchanges from it).
     """
 
     global_shape: tuple[int, ...]
@@ -53,6 +55,17 @@ class ShardInfo:
     group: ProcessGroup
     rank: int
     world_size: int
+    buffer_offset: int  # where the tensor sits in its unit's flat buffer of world_size * shard_size elements
+    shard_size: int
+
+    def range_of(self, rank: int) -> tuple[int, int]:
+        """``[start, end)`` of the flattened global tensor that ``rank`` holds (empty: ``(0, 0)``)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside this unit's world of {self.world_size} ranks")
+        numel = math.prod(self.global_shape)
+        lo = max(rank * self.shard_size - self.buffer_offset, 0)
+        hi = min((rank + 1) * self.shard_size - self.buffer_offset, numel)
+        return (lo, hi) if lo < hi else (0, 0)
 
     @property
     def numel(self) -> int:

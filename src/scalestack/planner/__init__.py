@@ -5,10 +5,11 @@ granularity (where a tensor may be cut), layout (slots, pieces, windows), search
 """
 
 from .bare_shapes import plan
-from .granularity import Cuts, cuts_for
+from .granularity import Cuts, ElementBlocks, cuts_for
 from .layout import Layout, Piece, TensorSlot, TensorSpec
 from .search import Plan, plan_buffers, plan_unit
 
 __all__ = [
-    "Cuts", "Layout", "Piece", "Plan", "TensorSlot", "TensorSpec", "cuts_for", "plan", "plan_buffers", "plan_unit",
+    "Cuts", "ElementBlocks", "Layout", "Piece", "Plan", "TensorSlot", "TensorSpec", "cuts_for", "plan", "plan_buffers",
+    "plan_unit",
 ]  # fmt: skip

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .granularity import GranularitySpec, check_granularity, cuts_for
+from .granularity import ElementBlocks, GranularitySpec, check_granularity, cuts_for
 from .layout import Layout, TensorSpec
 from .search import Plan, plan_buffers, plan_unit
 
@@ -35,7 +35,8 @@ def plan(
     """Plan one unit of tensors with the given shapes over ``world_size`` ranks.
 
     ``granularity`` is one value for every tensor or a list with one per tensor ("element", "row",
-    "matrix", "tensor" or k rows). Offsets and S are multiples of ``align_bytes`` in ``dtype``. With
+    "matrix", "tensor", k rows or ``ElementBlocks(k)``). Offsets and S are multiples of ``align_bytes``
+    in ``dtype``. With
     ``max_buffers=1`` returns a ``Layout`` (slots in the input's order); otherwise a ``Plan`` whose
     ``buffers`` are Layouts naming the input tensors they hold (``tensor_indices``).
     """
@@ -49,7 +50,7 @@ def plan(
     itemsize = torch.empty((), dtype=dtype).element_size()
     if not isinstance(align_bytes, int) or align_bytes <= 0 or align_bytes % itemsize:
         raise ValueError(f"align_bytes must be a positive multiple of {dtype}'s {itemsize} bytes, got {align_bytes!r}")
-    if isinstance(granularity, (str, int)):
+    if isinstance(granularity, (str, int, ElementBlocks)):
         specs = [check_granularity(granularity)] * len(shapes)
     else:
         specs = [check_granularity(g, f"granularity[{i}]") for i, g in enumerate(granularity)]

@@ -2,9 +2,11 @@
 
 A tensor's allowed cut points (positions in its flattened elements) are periodic: position p is allowed
 iff ``p % period`` is one of ``offsets``. The common cases have one offset (every multiple of a granule):
-element (1), row (the last dimension), a block of k rows, a matrix (the last two dimensions) or the whole
-tensor. A fused tensor such as MoE experts ``[E, out, in]`` keeps its inner structure: k-row blocks restart
-at every expert, so when ``out % k != 0`` the allowed cuts are the block starts of each expert matrix.
+element (1), row (the last dimension), a block of k rows, a matrix (the last two dimensions), the whole
+tensor, or a block of k elements of the flattened tensor (``ElementBlocks(k)``: block-wise quantized
+optimizer state, whose blocks must each sit on one rank). A fused tensor such as MoE experts
+``[E, out, in]`` keeps its inner structure: k-row blocks restart at every expert, so when ``out % k != 0``
+the allowed cuts are the block starts of each expert matrix.
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ from dataclasses import dataclass
 
 import torch
 
-GranularitySpec = str | int
+
+@dataclass(frozen=True)
+class ElementBlocks:
+    """Cut only at multiples of ``size`` elements of the flattened tensor (the last block may be shorter)."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
+            raise ValueError(f"ElementBlocks(size) needs a positive int number of elements, got {self.size!r}")
+
+
+GranularitySpec = str | int | ElementBlocks
 GranularityRule = GranularitySpec | Callable[[str, torch.Tensor], GranularitySpec] | None
 
 _NAMED = ("element", "row", "matrix", "tensor")
-_HELP = "use 'element', 'row', 'matrix', 'tensor' or a positive int k (blocks of k rows)"
+_HELP = "use 'element', 'row', 'matrix', 'tensor', a positive int k (blocks of k rows) or ElementBlocks(k)"
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ def row_length(shape: Sequence[int]) -> int:
 
 def check_granularity(spec: object, where: str = "granularity") -> GranularitySpec:
     """Validate one granularity value and return it; raise a ValueError naming the fix otherwise."""
+    if isinstance(spec, ElementBlocks):
+        return spec
     if isinstance(spec, bool) or not isinstance(spec, (str, int)) or (isinstance(spec, str) and spec not in _NAMED):
         raise ValueError(f"{where}: unknown granularity {spec!r}; {_HELP}")
     if isinstance(spec, int) and spec <= 0:
@@ -80,6 +96,8 @@ def _cuts_for(spec: GranularitySpec, shape: tuple[int, ...]) -> Cuts:
     numel = math.prod(shape)
     if numel == 0 or spec == "element":
         return Cuts.every(1)
+    if isinstance(spec, ElementBlocks):
+        return Cuts.every(min(spec.size, numel))
     if spec == "tensor" or len(shape) <= 1 and spec == "matrix":
         return Cuts.every(numel)
     if len(shape) <= 1:  # a vector's rows are its elements
