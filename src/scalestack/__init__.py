@@ -21,11 +21,12 @@ from .fsdp import (
     traffic,
 )
 from .optim import ShardedGradScaler, clip_grad_norm_
-from .planner import Layout, Plan, plan
+from .planner import ElementBlocks, Layout, Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ElementBlocks",
     "FSDPModule",
     "Layout",
     "MixedPrecisionPolicy",
