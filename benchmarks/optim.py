@@ -150,6 +150,10 @@ def step_timing(rank: int, world: int, rounds: int, reps: int) -> dict:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Allocated optimizer state (AdamW8bit: its arrays, the padding of each piece's last block included)."""
+    if isinstance(opt, AdamW8bit):
+        arrays = [t for b in opt._blocks for t in (b.m_codes, b.v_codes, b.m_scales, b.v_scales, b.row_owner)]
+        return sum(t.numel() * t.element_size() for t in arrays)
     total = 0
     for state in opt.state.values():
         for k, t in state.items():

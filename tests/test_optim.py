@@ -120,7 +120,9 @@ def test_adamw8bit_close_to_adamw_and_two_bytes_per_parameter():
     for p, q, p0 in zip(a.parameters(), b.parameters(), start):
         ours, theirs = p.detach() - p0, q.detach() - p0
         assert ((ours - theirs).norm() / theirs.norm()).item() < 0.03
-    state_bytes = sum(t.numel() * t.element_size() for s in opt8.state.values() for k, t in s.items() if k != "step")
+    blocks = opt8._blocks[0]  # what is allocated, padding included (opt.state holds views without it)
+    arrays = (blocks.m_codes, blocks.v_codes, blocks.m_scales, blocks.v_scales)
+    state_bytes = sum(t.numel() * t.element_size() for t in arrays)
     n = sum(p.numel() for p in a.parameters())
     assert state_bytes <= n * (2 + 8 / 256) + 2 * 256  # codes, scales, the bias's padded last block
 
@@ -150,6 +152,25 @@ def test_bad_input_errors():
         Muon([nn.Parameter(torch.ones(3, 3))], adjust_lr_fn="bogus")
 
 
+def test_refused_param_groups_leave_the_optimizer_as_it_was():
+    good, bad = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4, dtype=torch.int64), requires_grad=False)
+    opt = AdamW8bit([good], block_size=4)
+    with pytest.raises(TypeError, match="real floats"):
+        opt.add_param_group({"params": [bad]})
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], "betas": (0.9, 1.0)})
+    later = nn.Parameter(torch.ones(4))
+    opt.add_param_group({"params": [later], "lr": 0.1})
+    assert len(opt.param_groups) == len(opt._blocks) == 2
+    good.grad, later.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    assert float(opt.state[later]["step"]) == 1 and bool((later.detach() < 1).all())
+    muon = Muon([nn.Parameter(torch.ones(3, 3))])
+    with pytest.raises(ValueError, match="lr"):
+        muon.add_param_group({"params": [nn.Parameter(torch.ones(3, 3))], "lr": -1.0})
+    assert len(muon.param_groups) == 1
+
+
 def test_mismatched_state_dicts_are_refused_before_any_change():
     small, big = nn.Parameter(torch.ones(4, 8)), nn.Parameter(torch.ones(4, 9))
     saved = AdamW8bit([small], block_size=8).state_dict()
@@ -158,6 +179,10 @@ def test_mismatched_state_dicts_are_refused_before_any_change():
     with pytest.raises(ValueError, match="exp_avg_codes of parameter #0.*expected \\[4, 9\\]"):
         target.load_state_dict(saved)
     assert all(torch.equal(before[k], target.state[big][k]) for k in before)
+    wrong_dtype = copy.deepcopy(saved)
+    wrong_dtype["state"][0]["exp_avg_codes"] = wrong_dtype["state"][0]["exp_avg_codes"].float()
+    with pytest.raises(ValueError, match="exp_avg_codes .* torch.float32, expected torch.uint8"):
+        AdamW8bit([small], block_size=8).load_state_dict(wrong_dtype)
     with pytest.raises(ValueError, match="block_size 8 .* uses 16"):
         AdamW8bit([small], block_size=16).load_state_dict(saved)
     with pytest.raises(ValueError, match="lacks"):
@@ -241,6 +266,24 @@ def test_muon_param_groups_on_gpt():
                           for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
     assert {"wte.weight", "wpe.weight", "ln_f.weight", "layers.0.ln_1.bias"} <= {n for n, _ in adamw}
     assert len(muon) + len(adamw) == len(list(model.parameters()))
+
+
+def test_muon_param_groups_keeps_inner_output_layers_and_leaves_convolutions():
+    class Layer(nn.Module):  # BERT's names: a block's "output" sub-module is not the model's head
+        def __init__(self):
+            super().__init__()
+            self.output = nn.Linear(8, 8)
+            self.conv = nn.Conv1d(8, 8, 3)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList([Layer()])
+            self.classifier = nn.Linear(8, 2)
+
+    muon, adamw = muon_param_groups(Model())
+    assert [n for n, _ in muon] == ["encoder.0.output.weight"]
+    assert {"classifier.weight", "encoder.0.conv.weight"} <= {n for n, _ in adamw}
 
 
 def test_unsharded_muon_equals_torch_muon_in_bf16():

@@ -35,6 +35,9 @@ class _BlockState:
 
     def __init__(self, params: list[torch.Tensor], block_size: int) -> None:
         B = block_size
+        devices = sorted({str(p.device) for p in params})
+        if len(devices) > 1:
+            raise ValueError(f"AdamW8bit: one param group's parameters are on {devices}; one group per device")
         self.block_size = B
         self.rows = [-(-p.numel() // B) for p in params]
         self.first_row = [0, *itertools.accumulate(self.rows)][:-1]
@@ -44,7 +47,7 @@ class _BlockState:
         self.v_codes = torch.zeros(R, B, dtype=torch.uint8, device=device)
         self.m_scales = torch.zeros(R, dtype=torch.float32, device=device)
         self.v_scales = torch.zeros(R, dtype=torch.float32, device=device)
-        self.steps = torch.zeros(len(params), dtype=torch.float32)
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=device)
         counts = torch.tensor(self.rows, dtype=torch.long)
         self.row_owner = torch.repeat_interleave(torch.arange(len(params)), counts).to(device)
 
@@ -72,12 +75,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, block_size: int = 256) -> None:  # fmt: skip
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-                raise ValueError(f"AdamW8bit: {name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"AdamW8bit: betas must be two numbers in [0, 1), got {betas!r}")
-        _check_block_size(block_size)
+        _check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size))
         self._blocks: list[_BlockState] = []
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size)
         super().__init__(params, defaults)
@@ -91,8 +89,12 @@ class AdamW8bit(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_block_size(group["block_size"])
-        _check_params(group)
+        try:
+            _check_hyperparameters(group)
+            _check_params(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group must not stay half-added
+            raise
         blocks = _BlockState(group["params"], group["block_size"])
         self._blocks.append(blocks)
         for i, p in enumerate(group["params"]):
@@ -118,7 +120,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 what = "sparse" if p.grad.is_sparse else f"shaped {list(p.grad.shape)}"
                 raise RuntimeError(f"AdamW8bit: the gradient of parameter {param_name(group, i, p)} is {what}")
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        mask = torch.tensor(active)
+        mask = torch.tensor(active, device=blocks.steps.device)
         blocks.steps += mask.float()
         steps = blocks.steps.double()
         step_size = (lr / (1 - torch.pow(beta1, steps))).float()
@@ -158,6 +160,17 @@ class AdamW8bit(torch.optim.Optimizer):
             self.state[p] = target
 
 
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    for name in ("lr", "eps", "weight_decay"):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise ValueError(f"AdamW8bit: {name} must be a finite number >= 0, got {value!r}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"AdamW8bit: betas must be two numbers in [0, 1), got {betas!r}")
+    _check_block_size(group["block_size"])
+
+
 def _check_block_size(block_size: object) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"AdamW8bit: block_size must be a positive int, got {block_size!r}")
@@ -174,12 +187,14 @@ def _check_params(group: dict[str, Any]) -> None:
             continue
         info = shard_info(p)
         numel = math.prod(info.global_shape)
-        if info.numel and (info.start % B or (info.end % B and info.end != numel)):
-            raise ValueError(
-                f"AdamW8bit: parameter {param_name(group, i, p)} holds elements [{info.start}, {info.end}) of its "
-                f"{list(info.global_shape)} tensor, which cuts a {B}-element quantization block at a rank boundary; "
-                f"shard its unit with fully_shard(..., granularity=AdamW8bit.granularity({B}))"
-            )
+        for r in range(info.world_size):  # every rank checks every rank's piece: all of them raise, none hangs
+            start, end = info.range_of(r)
+            if end > start and (start % B or (end % B and end != numel)):
+                raise ValueError(
+                    f"AdamW8bit: parameter {param_name(group, i, p)}: rank {r} holds elements [{start}, {end}) of "
+                    f"its {list(info.global_shape)} tensor, which cuts a {B}-element quantization block at a rank "
+                    f"boundary; shard its unit with fully_shard(..., granularity=AdamW8bit.granularity({B}))"
+                )
 
 
 def _runs(active: list[bool]) -> list[tuple[int, int]]:
@@ -244,6 +259,9 @@ def _check_entry(entry: dict[str, Any], group: dict[str, Any], i: int, p: torch.
     for key, shape in (("exp_avg_codes", p.shape), ("exp_avg_sq_codes", p.shape),
                        ("exp_avg_scales", rows), ("exp_avg_sq_scales", rows)):  # fmt: skip
         t = entry[key]
+        dtype = torch.uint8 if key.endswith("codes") else torch.float32
+        if isinstance(t, torch.Tensor) and t.dtype != dtype:
+            raise ValueError(f"AdamW8bit.load_state_dict: {key} of parameter {name} is {t.dtype}, expected {dtype}")
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(

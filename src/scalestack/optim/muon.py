@@ -44,6 +44,33 @@ def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(shard_info(p).global_shape) if is_sharded(p) else tuple(p.shape)
 
 
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    for name in ("lr", "weight_decay", "momentum"):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise ValueError(f"Muon: {name} must be a finite number >= 0, got {value!r}")
+    check_ns_args(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    if group["adjust_lr_fn"] not in _ADJUST_LR:
+        raise ValueError(
+            f"Muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {group['adjust_lr_fn']!r}"
+        )
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    _check_hyperparameters(group)
+    for i, p in enumerate(group["params"]):
+        check_not_dtensor("Muon", group, i, p)
+        shape = _global_shape(p)
+        if len(shape) not in (2, 3) or 0 in shape:
+            raise ValueError(
+                f"Muon: parameter {param_name(group, i, p)} has shape {list(shape)}; Muon optimizes matrices "
+                "(2-D) and stacks of matrices (3-D, e.g. MoE experts). Give embeddings, the head, norms and "
+                "biases to AdamW: scalestack.optim.muon_param_groups(model) splits a model's parameters"
+            )
+        if not p.is_floating_point():
+            raise TypeError(f"Muon: parameter {param_name(group, i, p)} has dtype {p.dtype}; it optimizes floats")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (``torch.optim.Muon``'s math) whose Newton–Schulz runs once per matrix, on its owner rank."""
 
@@ -51,12 +78,9 @@ class Muon(torch.optim.Optimizer):
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
                  ns_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-                raise ValueError(f"Muon: {name} must be a finite number >= 0, got {value!r}")
-        check_ns_args(ns_coefficients, ns_steps, eps)
-        if adjust_lr_fn not in _ADJUST_LR:
-            raise ValueError(f"Muon: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+        given = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_coefficients=ns_coefficients,
+                     ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn)  # fmt: skip
+        _check_hyperparameters(given)
         if ns_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Muon: ns_dtype must be a floating dtype such as torch.float32, got {ns_dtype!r}")
         self.ns_dtype = ns_dtype
@@ -68,19 +92,11 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_ns_args(group["ns_coefficients"], group["ns_steps"], group["eps"])
-        for i, p in enumerate(group["params"]):
-            check_not_dtensor("Muon", group, i, p)
-            shape = _global_shape(p)
-            if len(shape) not in (2, 3) or 0 in shape:
-                raise ValueError(
-                    f"Muon: parameter {param_name(group, i, p)} has shape {list(shape)}; Muon optimizes matrices "
-                    "(2-D) and stacks of matrices (3-D, e.g. MoE experts). Give embeddings, the head, norms and "
-                    "biases to AdamW: scalestack.optim.muon_param_groups(model) splits a model's parameters"
-                )
-            if not p.is_floating_point():
-                raise TypeError(f"Muon: parameter {param_name(group, i, p)} has dtype {p.dtype}; it optimizes floats")
+        try:
+            _check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group must not stay half-added
+            raise
         self._plan = None  # the parameters changed: plan the exchange again at the next step
 
     @torch.no_grad()
@@ -159,6 +175,7 @@ class _Plan:
     def __init__(self, groups: list[dict[str, Any]]) -> None:
         params = [(g, p) for g, group in enumerate(groups) for p in group["params"]]
         self.sharded = [k for k, (_, p) in enumerate(params) if is_sharded(p)]
+        self.sharded_set = set(self.sharded)
         self.shapes = [_global_shape(p) for _, p in params]
         self.keys = [(shape[-2], shape[-1], g) for (g, _), shape in zip(params, self.shapes)]
         self.group = None
@@ -188,7 +205,7 @@ class _Plan:
         hyper = [(tuple(g["ns_coefficients"]), g["ns_steps"], g["eps"]) for g in groups]
         out: list[torch.Tensor | None] = [None] * len(updates)
         batches: list[tuple[object, torch.Tensor]] = []
-        local = [k for k in range(len(updates)) if k not in set(self.sharded) and updates[k] is not None]
+        local = [k for k in range(len(updates)) if k not in self.sharded_set and updates[k] is not None]
         for k in local:
             rows, cols = self.shapes[k][-2:]
             batches.append((self.keys[k], updates[k].reshape(-1, rows, cols)))

@@ -56,7 +56,7 @@ def _boundaries(kind: str) -> torch.Tensor:
 
 
 def quantize(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n, B]`` fp32 values -> (``[n, B]`` uint8 codes, ``[n]`` fp32 scales, the blocks' largest magnitudes)."""
+    """``[n, B]`` fp32 values -> ``[n, B]`` uint8 codes and ``[n]`` fp32 scales (the blocks' largest magnitudes)."""
     scales = blocks.abs().amax(dim=1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     normalized = blocks / safe[:, None]
