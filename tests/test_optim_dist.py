@@ -214,8 +214,9 @@ def muon_bf16_case(rank, world, group):
     return out
 
 
-def test_muon_bf16_matches_torch_muon(pool):
-    errors = pool.run(muon_bf16_case, 3)[0]
+@pytest.mark.parametrize("world", [2, 3])
+def test_muon_bf16_matches_torch_muon(pool, world):
+    errors = pool.run(muon_bf16_case, world)[0]
     # bf16 has 8 bits of mantissa (relative rounding 2^-9 = 2e-3); after five iterations the updates of
     # the two implementations (same algorithm, batched vs one matrix) agree within 1e-2 (seen: ~3e-3).
     assert max(errors) < 1e-2, errors
@@ -263,8 +264,9 @@ def train_case(rank, world, group, which, steps=10):
     return losses, ref_losses, errors
 
 
-def test_muon_trained_matches_unsharded_reference(pool):
-    losses, ref_losses, errors = pool.run(train_case, 4, "muon")[0]
+@pytest.mark.parametrize("world", [2, 4])
+def test_muon_trained_matches_unsharded_reference(pool, world):
+    losses, ref_losses, errors = pool.run(train_case, world, "muon")[0]
     worst = max(errors.items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-4, worst
     assert all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(losses, ref_losses)), (losses, ref_losses)
@@ -364,6 +366,35 @@ def state_dict_case(rank, world, group):
         resumed = {n: p.detach() for n, p in model.named_parameters()}
         results.append((which, same_state, all(torch.equal(continued[n], resumed[n]) for n in continued)))
     return results
+
+
+def frozen_and_mismatched_case(rank, world, group):
+    """A parameter without a gradient is left alone (its zeros still travel); ranks that pass different
+    parameters get a clear error, not a hang."""
+    model, ref = build(group, "element")
+    names = sorted(muon_names(ref))
+    params = dict(model.named_parameters())
+    opt = Muon([params[n] for n in names], lr=0.02)
+    set_grads(model, global_grads(ref, 0))
+    frozen = params[names[0]]
+    frozen.grad = None
+    before = frozen.detach().clone()
+    opt.step()
+    untouched = torch.equal(before, frozen.detach()) and "momentum_buffer" not in opt.state[frozen]
+    mine = names if rank == 0 else names[1:]
+    wrong = Muon([params[n] for n in mine])
+    try:
+        wrong.step()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return untouched, error
+
+
+def test_muon_skips_missing_gradients_and_refuses_mismatched_ranks(pool):
+    for untouched, error in pool.run(frozen_and_mismatched_case, 3):
+        assert untouched
+        assert error is not None and "different parameters" in error
 
 
 def test_state_dict_round_trip_resumes_exactly(pool):

@@ -17,11 +17,13 @@ orthogonalized where they are.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..fsdp import collectives as comm
 from ..fsdp.param import is_sharded, shard_info
@@ -195,6 +197,7 @@ class _Plan:
             for e in range(math.prod(self.shapes[k][:-2])):
                 matrices.append(Matrix(local, e * rows * cols, rows, cols, self.keys[k]))
             ranges.append([info.range_of(r) for r in range(world)])
+        _check_ranks_agree(matrices, ranges, self.group, world)
         self.exchange = plan_exchange(matrices, ranges, rank, world)
         self.piece_numel = [infos[i].numel for i in range(len(infos))]
 
@@ -264,6 +267,19 @@ class _Plan:
         if work is not None:
             work.wait()
         return recv
+
+
+def _check_ranks_agree(matrices: list[Matrix], ranges: list, group, world: int) -> None:
+    """Once, when the exchange is planned: ranks that gave Muon different parameters would exchange
+    mismatched splits (a hang or wrong data), so compare a digest of what each rank planned."""
+    digest = hashlib.sha256(repr((matrices, ranges)).encode()).hexdigest()
+    everyone: list[str | None] = [None] * world
+    dist.all_gather_object(everyone, digest, group=group)
+    if len(set(everyone)) > 1:
+        raise ValueError(
+            "Muon: the ranks gave the optimizer different parameters (or differently sharded ones); build the "
+            "optimizer from the same parameters, in the same order, on every rank"
+        )
 
 
 def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
