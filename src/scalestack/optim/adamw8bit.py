@@ -24,7 +24,7 @@ import torch
 from ..fsdp.param import is_sharded, shard_info
 from ..planner.granularity import ElementBlocks
 from .quantization import dequantize, quantize
-from .state_checks import check_not_dtensor, check_state_dict_form, param_name
+from .state_checks import check_grad, check_not_dtensor, check_state_dict_form, param_name
 
 _CHUNK_ELEMENTS = 1 << 20  # rows processed together: bounds the step's fp32 temporaries to a few MiB
 STATE_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
@@ -116,9 +116,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if not any(active):
             return
         for i, p in enumerate(params):
-            if active[i] and (p.grad.is_sparse or p.grad.shape != p.shape):
-                what = "sparse" if p.grad.is_sparse else f"shaped {list(p.grad.shape)}"
-                raise RuntimeError(f"AdamW8bit: the gradient of parameter {param_name(group, i, p)} is {what}")
+            if active[i]:
+                check_grad("AdamW8bit", group, i, p)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         mask = torch.tensor(active, device=blocks.steps.device)
         blocks.steps += mask.float()

@@ -29,7 +29,7 @@ from ..fsdp import collectives as comm
 from ..fsdp.param import is_sharded, shard_info
 from .muon_exchange import ExchangePlan, Matrix, plan_exchange
 from .newton_schulz import DEFAULT_COEFFICIENTS, check_ns_args, orthogonalize
-from .state_checks import check_not_dtensor, check_state_dict_form, param_name
+from .state_checks import check_grad, check_not_dtensor, check_state_dict_form, param_name
 
 _ADJUST_LR = (None, "original", "match_rms_adamw")
 
@@ -126,9 +126,7 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse or p.grad.shape != p.shape:
-                what = "sparse" if p.grad.is_sparse else f"shaped {list(p.grad.shape)}"
-                raise RuntimeError(f"Muon: the gradient of parameter {param_name(group, i, p)} is {what}")
+            check_grad("Muon", group, i, p)
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)

@@ -22,6 +22,13 @@ def check_not_dtensor(optimizer: str, group: dict[str, Any], index: int, p: torc
         )
 
 
+def check_grad(optimizer: str, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
+    """A gradient these optimizers can use: dense, shaped like its parameter (piece)."""
+    if p.grad.is_sparse or p.grad.shape != p.shape:
+        what = "sparse" if p.grad.is_sparse else f"shaped {list(p.grad.shape)}, not {list(p.shape)}"
+        raise RuntimeError(f"{optimizer}: the gradient of parameter {param_name(group, index, p)} is {what}")
+
+
 def check_state_dict_form(state_dict: object, groups: list[dict[str, Any]]) -> tuple[list[dict], dict]:
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("load_state_dict expects an optimizer state dict with 'state' and 'param_groups'")
