@@ -12,8 +12,11 @@
    model when torchao imports).
 3. The demo's training at W = 2 with AdamW, AdamW8bit and Muon (+ AdamW): final losses and a PNG of the
    curves (``--png``).
+4. Code maps (``--maps``, one process): the demo GPT's fp32 AdamW moments after 200 steps, quantized by
+   block of 256 with our maps and with alternatives; the error of the resulting update ``m / (sqrt(v) + eps)``.
 
     python benchmarks/optim.py [--rounds 5] [--train-steps 600] [--png docs/optim_loss.png] [--skip-train]
+    python benchmarks/optim.py --maps
 """
 
 from __future__ import annotations
@@ -44,6 +47,48 @@ TEXT = (ROOT / "data" / "public_domain.txt").read_text(encoding="utf-8")
 CHARS = sorted(set(TEXT))
 CFG = GPTConfig(vocab_size=len(CHARS), block_size=96, n_layer=4, n_head=4, n_embd=128)  # the demo's model
 SYSTEMS = ("adamw", "adamw8bit", "muon", "muon-matrix", "muon-naive")
+
+
+def code_maps(steps: int = 200) -> None:
+    """Part 4: quantize real AdamW moments with several maps and compare the updates they give."""
+    from scalestack.optim import quantization as q
+
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    stoi = {c: i for i, c in enumerate(CHARS)}
+    data = torch.tensor([stoi[c] for c in TEXT], dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ix = torch.randint(len(data) - CFG.block_size - 1, (8,), generator=g)
+        x = torch.stack([data[i : i + CFG.block_size] for i in ix])
+        y = torch.stack([data[i + 1 : i + CFG.block_size + 1] for i in ix])
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    flat = {k: torch.cat([s[k].reshape(-1) for s in opt.state.values()]) for k in ("exp_avg", "exp_avg_sq")}
+    n = flat["exp_avg"].numel() // 256 * 256
+    m, v = flat["exp_avg"][:n].view(-1, 256), flat["exp_avg_sq"][:n].view(-1, 256)
+
+    def with_table(x, table):
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        bounds = (table[1:] + table[:-1]) / 2
+        return table[torch.bucketize(x / scale, bounds)] * scale
+
+    linear_signed, linear_unsigned = torch.linspace(-1, 1, 255), torch.linspace(0, 1, 256)
+    with_zero = torch.cat([torch.zeros(1), q.code_map("unsigned_nonzero")[1:]])  # the smallest entry -> 0
+    maps = {
+        "ours: dynamic signed m, dynamic v without zero": (q.code_map("signed"), q.code_map("unsigned_nonzero")),
+        "dynamic signed m, dynamic v with zero": (q.code_map("signed"), with_zero),
+        "linear m and v (256 levels)": (linear_signed, linear_unsigned),
+    }
+    exact = m / (v.sqrt() + 1e-8)
+    print(f"\n4. code maps on the demo GPT's AdamW moments after {steps} steps ({n} values, blocks of 256)")
+    for name, (mt, vt) in maps.items():
+        update = with_table(m, mt) / (with_table(v, vt).sqrt() + 1e-8)
+        err = (update - exact).norm() / exact.norm()
+        worst = (update - exact).abs().max()
+        print(f"  {name:48s} update error {err.item():.4f} (relative, all values), largest {worst.item():.3g}")
 
 
 def free_port() -> int:
@@ -257,7 +302,11 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=600, help="the demo trains 600 steps")
     ap.add_argument("--png", type=Path, default=None, help="where to draw the loss curves")
     ap.add_argument("--skip-train", action="store_true", help="only parts 1 and 2")
+    ap.add_argument("--maps", action="store_true", help="only part 4: compare code maps")
     args = ap.parse_args()
+    if args.maps:
+        torch.set_num_threads(2)
+        return code_maps()
     model = GPT(CFG)
     n, matrices = sum(p.numel() for p in model.parameters()), len(muon_param_groups(model)[0])
     print(f"demo GPT: {n / 1e6:.2f}M parameters, {matrices} Muon matrices; gloo, {os.cpu_count()} CPUs")
