@@ -9,7 +9,8 @@ exchanged, and the codes and scales are the same bytes whatever the world size (
 A param group's moments live in two ``[R, B]`` uint8 code arrays and two ``[R]`` fp32 scale arrays; each
 parameter owns whole rows (its last row padded). ``opt.state[p]`` holds views of them, shaped like the
 global tensor's piece (``exp_avg_codes`` like ``p``, ``exp_avg_scales`` like its blocks), so a checkpoint
-can store them as pieces of global tensors. The step runs over a group's rows at once, in bounded chunks.
+can store them as pieces of global tensors. The step packs the gradients of a group (one fp32 copy, zero
+padded to whole rows) and runs over its rows in chunks, so dequantized moments stay a few MiB.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..planner.granularity import ElementBlocks
 from .quantization import dequantize, quantize
 from .state_checks import check_grad, check_not_dtensor, check_state_dict_form, param_name
 
-_CHUNK_ELEMENTS = 1 << 20  # rows processed together: bounds the step's fp32 temporaries to a few MiB
+_CHUNK_ELEMENTS = 1 << 20  # rows processed together: the moments are dequantized a few MiB at a time
 STATE_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
 
 
