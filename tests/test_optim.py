@@ -307,3 +307,21 @@ def test_granularity_value():
     for r in range(4):
         for piece in layout.pieces(r):
             assert piece.numel == 0 or piece.start % 64 == 0
+
+
+@pytest.mark.parametrize("kind", ["signed", "unsigned_nonzero"])
+def test_fast_code_search_equals_binary_search_at_every_boundary(kind):
+    """The bit-lookup search against torch.bucketize over the exact boundaries, on each boundary, the floats
+    just beside it, every code, and values over nine decades."""
+    table = code_map(kind)
+    bounds = (table[1:] + table[:-1]) / 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 256, generator=g) * torch.logspace(-9, 0, 256)
+    x = x / x.abs().amax(dim=1, keepdim=True)
+    edges = [bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0)), table]
+    x = torch.cat([x.reshape(-1), *edges, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+    if kind == "unsigned_nonzero":
+        x = x.abs()
+    codes, _ = quantize(x.view(1, -1), kind)
+    expected = torch.bucketize(x / x.abs().max(), bounds)
+    assert torch.equal(codes.view(-1).long(), expected)

@@ -11,9 +11,9 @@ ones are still distinguishable from zero.
   second moment rounded to zero would divide a surviving first moment by ``eps`` alone (the zero-point
   problem of 8-bit and 4-bit Adam); its smallest entry is ``1e-7`` of the block's scale instead.
 
-Every operation here is exact in IEEE arithmetic (abs, max, division, comparisons, table lookups), so a
-value's code depends only on its block, never on how many elements a tensor holds or which SIMD lane
-computed it: the property that makes AdamW8bit bitwise identical at every world size.
+Every operation here is exact in IEEE arithmetic (abs, max, division, comparisons, bit shifts, table
+lookups), so a value's code depends only on its block, never on how many elements a tensor holds or which
+SIMD lane computed it: the property that makes AdamW8bit bitwise identical at every world size.
 """
 
 from __future__ import annotations
@@ -55,13 +55,37 @@ def _boundaries(kind: str) -> torch.Tensor:
     return (table[1:] + table[:-1]) / 2  # nearest entry: code i covers (b[i-1], b[i]]
 
 
+@functools.cache
+def _guesses(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest code of every value that the top 16 bits of an fp32 can spell (a 65,536-entry table),
+    and the code boundaries padded with -inf and +inf (code c covers ``(bounds[c], bounds[c + 1]]``)."""
+    boundaries = _boundaries(kind)
+    tops = (torch.arange(65536, dtype=torch.int32) << 16).view(torch.float32)
+    tops = torch.nan_to_num(tops, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
+    guesses = torch.bucketize(tops, boundaries, out_int32=True)
+    inf = torch.tensor([float("inf")])
+    return guesses.to(device), torch.cat([-inf, boundaries, inf]).to(device)
+
+
+def _nearest_codes(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The nearest code of each value in ``[-1, 1]`` (ties to the lower), as a binary search over the
+    boundaries (``torch.bucketize``) finds it, about 5x faster on CPU: look the value's top 16 bits up
+    (truncation moves it by < 2^-7 relative, at most two codes since adjacent codes are >= 0.7% apart), then
+    step to the right code with two exact comparisons against the boundaries."""
+    guesses, bounds = _guesses(kind, x.device)
+    code = guesses.index_select(0, ((x.view(torch.int32) >> 16) & 0xFFFF).reshape(-1)).view(x.shape)
+    for _ in range(2):
+        upper = bounds.index_select(0, (code + 1).reshape(-1)).view(x.shape)
+        lower = bounds.index_select(0, code.reshape(-1)).view(x.shape)
+        code = code + (x > upper).to(torch.int32) - (x <= lower).to(torch.int32)
+    return code
+
+
 def quantize(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n, B]`` fp32 values -> ``[n, B]`` uint8 codes and ``[n]`` fp32 scales (the blocks' largest magnitudes)."""
     scales = blocks.abs().amax(dim=1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    normalized = blocks / safe[:, None]
-    codes = torch.bucketize(normalized, _boundaries(kind).to(blocks.device), out_int32=True)
-    return codes.to(torch.uint8), scales
+    return _nearest_codes((blocks / safe[:, None]).contiguous(), kind).to(torch.uint8), scales
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, kind: str) -> torch.Tensor:
