@@ -137,13 +137,11 @@ def muon_names(model: nn.Module) -> set[str]:
 # --- Muon -------------------------------------------------------------------------------------------------
 
 
-def muon_given_grads_case(rank, world, group, granularity):
-    model, ref = build(group, granularity)
-    names = muon_names(ref)
-    opt = Muon([p for n, p in model.named_parameters() if n in names], lr=0.02, weight_decay=0.1)
-    ref_opt = ReferenceMuon([p for n, p in ref.named_parameters() if n in names], lr=0.02, weight_decay=0.1)
+def update_errors(model, ref, opt, ref_opt, names, steps=3):
+    """Per step and parameter: relative error of the sharded update against the reference's, given the
+    same gradients; and the all-to-alls (count, bytes sent) of each sharded step."""
     errors, counts = [], []
-    for step in range(3):
+    for step in range(steps):
         before = {k: v.clone() for k, v in ss.full_state_dict(model).items()}
         ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
         grads = global_grads(ref, step)
@@ -154,10 +152,17 @@ def muon_given_grads_case(rank, world, group, granularity):
         t = ss.traffic()
         counts.append((t.all_to_alls, t.all_to_all_bytes))
         ref_opt.step()
-        after = ss.full_state_dict(model)
-        ref_after = ref.state_dict()
+        after, ref_after = ss.full_state_dict(model), ref.state_dict()
         errors.append({k: rel(after[k] - before[k], ref_after[k] - ref_before[k]) for k in names})
     return errors, counts
+
+
+def muon_given_grads_case(rank, world, group, granularity):
+    model, ref = build(group, granularity)
+    names = muon_names(ref)
+    opt = Muon([p for n, p in model.named_parameters() if n in names], lr=0.02, weight_decay=0.1)
+    ref_opt = ReferenceMuon([p for n, p in ref.named_parameters() if n in names], lr=0.02, weight_decay=0.1)
+    return update_errors(model, ref, opt, ref_opt, names)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -200,18 +205,8 @@ def muon_bf16_case(rank, world, group):
     names = {n for n in muon_names(ref) if not n.endswith("experts")}
     opt = Muon([p for n, p in model.named_parameters() if n in names], lr=0.02, ns_dtype=torch.bfloat16)
     ref_opt = torch.optim.Muon([p for n, p in ref.named_parameters() if n in names], lr=0.02)
-    out = []
-    for step in range(3):
-        before = ss.full_state_dict(model)
-        ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
-        grads = global_grads(ref, step)
-        set_grads(model, grads)
-        set_grads(ref, grads)
-        opt.step()
-        ref_opt.step()
-        after, ref_after = ss.full_state_dict(model), ref.state_dict()
-        out.append(max(rel(after[k] - before[k], ref_after[k] - ref_before[k]) for k in names))
-    return out
+    errors, _ = update_errors(model, ref, opt, ref_opt, names)
+    return [max(step.values()) for step in errors]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -144,7 +144,7 @@ def all_reduce_flags(flags: torch.Tensor, group: ProcessGroup) -> Work | None:
 
 
 def all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: list[int], input_splits: list[int],
-               group: ProcessGroup) -> Work | None:  # fmt: skip
+               group: ProcessGroup) -> Work:  # fmt: skip
     """Send ``input_splits[r]`` elements of ``input`` to rank r, receive ``output_splits[r]`` from it (async)."""
     rank = dist.get_rank(group)
     _traffic.all_to_alls += 1

@@ -233,13 +233,13 @@ class _Plan:
             (flat[s.param][s.lo : s.hi] if flat[s.param] is not None else _zeros(s.hi - s.lo, dtype, self.device))
             for s in ex.send_segments
         ]
-        send = torch.cat([t.to(dtype) for t in parts]) if parts else _zeros(0, dtype, self.device)
+        send = _cat([t.to(dtype) for t in parts], dtype, self.device)
         return self._all_to_all(send, ex.recv_splits, ex.send_splits)
 
     def _owned_batches(self, received: torch.Tensor) -> list[tuple[object, torch.Tensor]]:
         ex = self.exchange
         parts = received.split(ex.recv_sizes)
-        owned = torch.cat([parts[i] for i in ex.assemble]) if ex.assemble else received[:0]
+        owned = _cat([parts[i] for i in ex.assemble], received.dtype, self.device)
         batches, offset = [], 0
         for key, count, rows, cols in ex.owned:
             n = count * rows * cols
@@ -249,21 +249,19 @@ class _Plan:
 
     def _send_back(self, results: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         ex = self.exchange
-        owned = torch.cat([r.reshape(-1) for r in results]).to(dtype) if results else _zeros(0, dtype, self.device)
+        owned = _cat([r.reshape(-1).to(dtype) for r in results], dtype, self.device)
         parts = owned.split(ex.back_sizes)
-        send = torch.cat([parts[i] for i in ex.back_order]) if ex.back_order else _zeros(0, dtype, self.device)
+        send = _cat([parts[i] for i in ex.back_order], dtype, self.device)
         received = self._all_to_all(send, ex.send_splits, ex.recv_splits)
         segments = received.split([s.hi - s.lo for s in ex.send_segments])
-        mine = torch.cat([segments[i] for i in ex.local_order]) if ex.local_order else _zeros(0, dtype, self.device)
+        mine = _cat([segments[i] for i in ex.local_order], dtype, self.device)
         return list(mine.split(self.piece_numel))
 
     def _all_to_all(self, send: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
         if not self.exchange.needs_exchange:
             return send  # every part goes to this rank itself, in the order it would arrive
         recv = send.new_empty(sum(recv_splits))
-        work = comm.all_to_all(recv, send, recv_splits, send_splits, self.group)
-        if work is not None:
-            work.wait()
+        comm.all_to_all(recv, send, recv_splits, send_splits, self.group).wait()
         return recv
 
 
@@ -282,6 +280,11 @@ def _check_ranks_agree(matrices: list[Matrix], ranges: list, group, world: int) 
 
 def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=dtype, device=device)
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.cat`` that also takes no parts (a rank with nothing to send or own)."""
+    return torch.cat(parts) if parts else _zeros(0, dtype, device)
 
 
 def _orthogonalize_by_key(batches: list[tuple[object, torch.Tensor]], hyper: list[tuple], dtype: torch.dtype):

@@ -48,7 +48,6 @@ class Segment:
 class ExchangePlan:
     """Everything rank ``rank`` needs for one step's exchange (see the module doc)."""
 
-    rank: int
     owners: list[int]
     needs_exchange: bool  # False: every matrix is orthogonalized where it lives, no collective at all
     send_segments: list[Segment]  # input of the first all-to-all, grouped by destination rank
@@ -116,7 +115,7 @@ def plan_exchange(matrices: list[Matrix], ranges: list[list[tuple[int, int]]], r
             owned.append((m.key, 1, m.rows, m.cols))
     local_order = sorted(range(len(send_segments)), key=lambda k: (send_segments[k].param, send_segments[k].lo))
     needs_exchange = any(length(owners[j], j) != m.numel for j, m in enumerate(matrices))
-    return ExchangePlan(rank, owners, needs_exchange, send_segments, send_splits, recv_splits, recv_sizes, assemble,
+    return ExchangePlan(owners, needs_exchange, send_segments, send_splits, recv_splits, recv_sizes, assemble,
                         owned, back_sizes, back_order, local_order)  # fmt: skip
 
 
