@@ -301,9 +301,7 @@ def test_torch_compile_matches_eager(pool, whole):
 
 
 # ------------------------------------------------------------------------ smaller findings
-def misc_case(rank, world, group, tmp):
-    import torch.distributed.checkpoint as dcp
-
+def misc_case(rank, world, group):
     out = {}
     _, model = make("plain")
     shard(model, group, mp_policy=ss.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
@@ -329,12 +327,6 @@ def misc_case(rank, world, group, tmp):
             out[name] = str(e)
     model.to(torch.float32)
     model.load_state_dict(model.state_dict())
-    # C7: DCP refuses the pieces instead of keeping one rank's
-    try:
-        dcp.save(model.state_dict(), checkpoint_id=tmp, process_group=group)
-        out["dcp"] = "no error"
-    except BaseException as e:  # DCP wraps every rank's error in a CheckpointException (a BaseException)
-        out["dcp"] = str(e)
     # C10: no-sync micro-batches accumulate in the fp32 reduce dtype, not in bf16
     x, y, route = next(batches(1))
     model.set_requires_gradient_sync(False)
@@ -346,13 +338,12 @@ def misc_case(rank, world, group, tmp):
     return out
 
 
-def test_smaller_findings(pool, tmp_path):
-    out = pool.run(misc_case, 2, str(tmp_path / "ckpt"))[0]
+def test_smaller_findings(pool):
+    out = pool.run(misc_case, 2)[0]
     assert all("ShardedUnit" in r or "FlatBuffer" in r or "ManagedParam" in r or "ShardInfo" in r for r in out["reprs"])
     assert out["misaligned"] == []
     assert "before fully_shard" in out["double"] and "torch.float64" in out["double"]
     assert "assign=False" in out["assign"]
-    assert "full_state_dict" in out["dcp"]
     assert out["accum"] == "torch.float32" and out["accum_after_sync"]
 
 

@@ -158,3 +158,32 @@ def all_gather_blocking(output: torch.Tensor, shard: torch.Tensor, group: Proces
     """A synchronous, uncounted all-gather for bookkeeping (state dicts, checks), not for training."""
     with torch.no_grad():
         _all_gather_single(output, shard, group=group)
+
+
+def gather_objects(obj: object, group: ProcessGroup | None) -> list[object] | None:
+    """Every rank's ``obj`` on rank 0 of ``group`` (None elsewhere), for bookkeeping (checkpoint file sums);
+    ``group=None`` without an initialized process group means a single process."""
+    if group is None and not dist.is_initialized():
+        return [obj]
+    world = dist.get_world_size(group)
+    out: list[object] | None = [None] * world if dist.get_rank(group) == 0 else None
+    dist.gather_object(obj, out, group=group, group_dst=0)
+    return out
+
+
+def broadcast_object(obj: object, group: ProcessGroup | None) -> object:
+    """Rank 0's ``obj`` on every rank of ``group`` (a barrier that also carries rank 0's outcome)."""
+    if group is None and not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+def all_gather_objects(obj: object, group: ProcessGroup | None) -> list[object]:
+    """Every rank's ``obj`` on every rank of ``group`` (bookkeeping: agreeing on an error)."""
+    if group is None and not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

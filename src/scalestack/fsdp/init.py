@@ -16,11 +16,11 @@ from torch.distributed import ProcessGroup
 from ..planner.granularity import GranularityRule, cuts_for, resolve_granularity
 from ..planner.layout import TensorSpec
 from ..planner.search import Plan, plan_buffers
-from .dcp_guard import guard_dcp
 from .mixed_precision import MixedPrecisionPolicy
 from .param import ManagedParam, ShardInfo, is_sharded
 from .rank_check import check_ranks_agree
 from .state import FSDPState, StepContext, state_of
+from .state_dict_hooks import register_state_dict_hooks
 from .unit import FlatBuffer, ShardedUnit
 
 _SHARDED_ORIGINAL = "_scalestack_replaced"  # on the parameter objects fully_shard replaced with pieces
@@ -113,7 +113,7 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
     params = [by_entry[i] for i in range(len(entries))]  # model order, whatever buffer holds them
     unit = ShardedUnit(name, plan, buffers, params, group, reduce)
     unit._to_sharded()  # the module shows its sharded pieces
-    guard_dcp(unit)
+    register_state_dict_hooks(unit)
     return unit
 
 

@@ -74,6 +74,9 @@ class AdamW8bit(torch.optim.Optimizer):
     Works on sharded pieces (a layout that cuts a block raises) and on plain tensors.
     """
 
+    # states with one value per block_size elements of the global tensor (checkpoints shard them by blocks)
+    block_state_keys = ("exp_avg_scales", "exp_avg_sq_scales")
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, block_size: int = 256) -> None:  # fmt: skip
         _check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size))
