@@ -255,3 +255,322 @@ def test_stock_dcp_save_and_load_reshard(pool, tmp_path):
     loaded, losses, _ = load_unsharded(path, "sgd_plain", True)
     assert_bitwise(loaded, saved)
     assert_losses_close(losses, reference)
+
+
+# --- pieces as chunks ------------------------------------------------------------------------------------------
+
+
+def test_boxes_cover_exactly_the_range_in_memory_order():
+    from scalestack.fsdp.piece_tensor import boxes
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        ndim = int(torch.randint(0, 5, (1,), generator=g))
+        shape = tuple(int(s) for s in torch.randint(1, 6, (ndim,), generator=g))
+        numel = math.prod(shape)
+        start, end = sorted(int(v) for v in torch.randint(0, numel + 1, (2,), generator=g))
+        got = boxes(shape, start, end)
+        assert len(got) <= max(2 * ndim - 1, 1)
+        index = torch.arange(numel).view(shape)
+        covered = [index[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].reshape(-1) for offsets, sizes in got]
+        flat = torch.cat(covered) if covered else torch.empty(0, dtype=torch.long)
+        assert flat.tolist() == list(range(start, end)), (shape, start, end, got)  # whole, disjoint, in order
+
+
+def piece_case(rank, world, group):
+    model = build(group, "element", seed=0)
+    ref = build(None, None, seed=0).state_dict()
+    sd = model.state_dict()
+    piece = sd["blocks.0.experts"]
+    out = {"type": type(piece).__name__, "shape": list(piece.shape), "repr": repr(piece)}
+    out["full_equal"] = all(torch.equal(v.full_tensor(), ref[k]) if hasattr(v, "full_tensor") else torch.equal(v, ref[k])
+                            for k, v in sd.items())  # fmt: skip
+    try:
+        piece + 1
+        out["compute"] = "no error"
+    except RuntimeError as e:
+        out["compute"] = str(e)
+    # load_state_dict takes full tensors on a sharded model (each rank copies its piece out)
+    fresh = build(group, "row", seed=5)
+    fresh.load_state_dict(ref)
+    out["full_loaded"] = all(torch.equal(v.full_tensor(), ref[k]) if hasattr(v, "full_tensor") else torch.equal(v, ref[k])
+                             for k, v in fresh.state_dict().items())  # fmt: skip
+    try:  # a piece of another layout is refused, not silently misplaced
+        fresh.load_state_dict(sd)
+        out["other_layout"] = "no error"
+    except RuntimeError as e:
+        out["other_layout"] = str(e)
+    return out
+
+
+def test_state_dict_values_are_pieces_of_the_global_tensors(pool):
+    for out in pool.run(piece_case, 3):
+        assert out["type"] == "PieceTensor" and out["shape"] == [EXPERTS, HIDDEN, D]
+        assert "global_shape=[3, 40, 24]" in out["repr"]
+        assert out["full_equal"] and out["full_loaded"]
+        assert "to_local()" in out["compute"]
+    assert any("sharded differently" in out["other_layout"] for out in pool.run(piece_case, 3))
+
+
+# --- atomic saves, newest complete, keep_last, async ---------------------------------------------------------
+
+
+def series_case(rank, world, group, root):
+    model = build(group, "element", seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    snaps = {}
+    for step, name in enumerate(["a", "b", "c"]):
+        train_step(model, opt, None, step, rank, world, group)
+        checkpoint.save(os.path.join(root, name), model, opt, extra={"step": step}, keep_last=2)
+        snaps[name] = snapshot(model, opt, group)
+    visible = sorted(n for n in os.listdir(root) if not n.startswith("."))
+    fresh = build(group, "row", seed=1)
+    fresh_opt, _ = make_optimizers(fresh, "adamw")
+    extra = checkpoint.load(root, fresh, fresh_opt)  # the directory: its newest complete checkpoint
+    newest_equal = snapshot(fresh, fresh_opt, group)
+    # async: training goes on while the checkpoint is written; it holds the values at the save
+    handle = checkpoint.save(os.path.join(root, "d"), model, opt, async_save=True, extra={"step": 3})
+    at_save = snapshot(model, opt, group)
+    for step in range(3, 5):
+        train_step(model, opt, None, step, rank, world, group)
+    handle.wait()
+    checkpoint.load(os.path.join(root, "d"), fresh, fresh_opt)
+    async_loaded = snapshot(fresh, fresh_opt, group)
+    # the same name again replaces it
+    checkpoint.save(os.path.join(root, "d"), model, opt, extra={"step": 5})
+    replaced = checkpoint.load(root, fresh, fresh_opt)
+    return visible, extra, newest_equal, snaps["c"], async_loaded, at_save, replaced
+
+
+def test_newest_complete_keep_last_async_and_replace(pool, tmp_path):
+    root = str(tmp_path / "run")
+    # W=4: all the pool's ranks (the asynchronous save creates a process group, which every rank must join)
+    visible, extra, newest, saved_c, async_loaded, at_save, replaced = pool.run(series_case, 4, root)[0]
+    assert visible == ["b", "c"]  # keep_last=2 deleted "a" once "c" was complete
+    assert extra == {"step": 2}
+    assert_bitwise(newest, saved_c)
+    assert_bitwise(async_loaded, at_save)
+    assert replaced == {"step": 5}
+    assert sorted(os.listdir(root)) == ["b", "c", "d"]  # no temporary or replaced directory left behind
+
+
+def _die_mid_save(rank, world, port, root, out):
+    """Saves "good", then rank 1 is SIGKILLed after writing part of "bad"."""
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    model = build(dist.group.WORLD, "element", seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    train_step(model, opt, None, 0, rank, world, dist.group.WORLD)
+    checkpoint.save(os.path.join(root, "good"), model, opt)
+    snap = snapshot(model, opt, dist.group.WORLD)
+    if rank == 0:
+        torch.save(snap, out)
+    train_step(model, opt, None, 1, rank, world, dist.group.WORLD)
+    if rank == 1:
+        import torch.distributed.checkpoint.filesystem as fs
+
+        write, written = fs._write_item, []
+
+        def write_then_die(*args, **kwargs):
+            if written:
+                os.kill(os.getpid(), signal.SIGKILL)
+            written.append(write(*args, **kwargs))
+            return written[-1]
+
+        fs._write_item = write_then_die
+    checkpoint.save(os.path.join(root, "bad"), model, opt)
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    import torch.multiprocessing as mp
+    from dist_pool import free_port
+
+    root, out = tmp_path / "run", tmp_path / "good.pt"
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_die_mid_save, args=(r, 2, port, str(root), str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[1].join(timeout=120)
+    assert procs[1].exitcode == -signal.SIGKILL
+    procs[0].join(timeout=5)
+    if procs[0].is_alive():  # waiting for its dead peer
+        procs[0].kill()
+        procs[0].join()
+    assert sorted(os.listdir(root)) == [".bad.incomplete", "good"]  # the broken save stays invisible
+    model = build(None, None, seed=1)
+    opt, _ = make_optimizers(model, "adamw")
+    checkpoint.load(root, model, opt)  # the newest complete one: "good", whole
+    assert_bitwise(snapshot(model, opt, None), torch.load(out))
+    checkpoint.save(root / "bad", model, opt)  # a later save of that name clears the leftovers
+    assert sorted(os.listdir(root)) == ["bad", "good"]
+
+
+# --- stock conversion and export ------------------------------------------------------------------------------
+
+
+def saved_full_case(rank, world, group, path):
+    model = build(group, "element", seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    train_step(model, opt, None, 0, rank, world, group)
+    checkpoint.save(path, model, opt)
+    return {k: v.clone() for k, v in ss.full_state_dict(model).items()}
+
+
+def test_dcp_to_torch_save_and_export_load_into_the_plain_model(pool, tmp_path):
+    from safetensors.torch import load_file
+
+    from scalestack.cli.main import main as cli
+
+    path = tmp_path / "ckpt"
+    saved = pool.run(saved_full_case, 2, str(path))[0]
+    dcp_to_torch_save(path, tmp_path / "model.pt")
+    model = build(None, None, seed=1)
+    model.load_state_dict(torch.load(tmp_path / "model.pt")["model"], strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert cli(["export", str(tmp_path), str(tmp_path / "model.safetensors")]) == 0  # the newest under a directory
+    model = build(None, None, seed=2)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def hf_case(rank, world, group, path, config_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    for layer in model.model.layers:
+        ss.fully_shard(layer, mesh=group)
+    ss.fully_shard(model, mesh=group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    checkpoint.save(path, model, opt)
+    return {k: v.clone() for k, v in ss.full_state_dict(model).items()}
+
+
+def test_export_writes_a_directory_that_from_pretrained_loads(pool, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from scalestack.cli.main import main as cli
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    config.save_pretrained(tmp_path / "config")
+    saved = pool.run(hf_case, 2, str(tmp_path / "ckpt"), str(tmp_path / "config"))[0]
+    assert cli(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--hf-config", str(tmp_path / "config")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    state = loaded.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+
+def test_paths_that_are_not_checkpoints_and_damaged_files_are_named(tmp_path):
+    model = build(None, None, seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    train_step(model, opt, None, 0, 0, 1, None)
+    checkpoint.save(tmp_path / "run" / "ok", model, opt)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    dcp.save(model.state_dict(), checkpoint_id=tmp_path / "stock", no_dist=True)
+    for path, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "holds no complete"),
+                          (tmp_path / "file", "is a file"), (tmp_path / "stock", "torch.distributed.checkpoint.load")]:  # fmt: skip
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load(path, model)
+
+    def damage(name: str, how) -> checkpoint.CheckpointError:
+        copy = tmp_path / f"damaged_{name}_{how.__name__}"
+        import shutil
+
+        shutil.copytree(tmp_path / "run" / "ok", copy)
+        how(copy / name)
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.load(copy, model, opt)
+        return str(info.value)
+
+    def truncate(f):
+        f.write_bytes(f.read_bytes()[:-100])
+
+    def flip(f):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+    def remove(f):
+        f.unlink()
+
+    data_file = next(n for n in os.listdir(tmp_path / "run" / "ok") if n.endswith(".distcp"))
+    assert "truncated" in damage(data_file, truncate)
+    assert "CRC-32" in damage(data_file, flip)
+    assert "missing" in damage(data_file, remove)
+    assert "CRC-32" in damage(".metadata", flip)
+    assert "damaged" in damage("scalestack.json", truncate)
+
+
+def test_a_model_or_optimizer_that_does_not_match_is_named(tmp_path):
+    model = build(None, None, seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    train_step(model, opt, None, 0, 0, 1, None)
+    checkpoint.save(tmp_path / "ckpt", model)  # without the optimizer
+    with pytest.raises(ValueError, match=r"holds no state for \['optimizer'\]"):
+        checkpoint.load(tmp_path / "ckpt", model, opt)
+    with pytest.raises(ValueError, match="not in the model"):
+        checkpoint.load(tmp_path / "ckpt", build(None, None, seed=1), opt)
+    with pytest.raises(ValueError, match=r"missing in the checkpoint \(2\): model\.bias, model\.weight") as info:
+        checkpoint.load(tmp_path / "ckpt", nn.Linear(3, 4))
+    assert "not in the model/optimizer" in str(info.value) and "model.blocks.0.experts" in str(info.value)
+    wider = build(None, None, seed=1)
+    wider.blocks[1].experts = nn.Parameter(torch.zeros(EXPERTS + 1, HIDDEN, D))
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shape mismatch \(1\): model\.blocks\.1\.experts \(checkpoint \[3, 40, 24\]"):
+        checkpoint.load(tmp_path / "ckpt", wider)
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())  # nothing changed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.load(tmp_path / "ckpt", wider, strict=False)
+    assert any("blocks.1.experts" in str(w.message) for w in caught)
+    assert torch.equal(wider.blocks[0].experts, model.blocks[0].experts)  # the rest was loaded
+    assert torch.equal(wider.blocks[1].experts, before["blocks.1.experts"])
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    model = build(None, None, seed=0)
+    for kwargs, error, message in [
+        (dict(keep_last=0), ValueError, "keep_last"),
+        (dict(keep_last=True), ValueError, "keep_last"),
+        (dict(optimizer="adam"), TypeError, "optimizer must be"),
+        (dict(async_save=1), TypeError, "async_save"),
+    ]:
+        with pytest.raises(error, match=message):
+            checkpoint.save(tmp_path / "x", model, **kwargs)
+    with pytest.raises(TypeError, match="nn.Module"):
+        checkpoint.save(tmp_path / "x", {"w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="reserved"):
+        checkpoint.save(tmp_path / ".hidden", model)
+    assert not (tmp_path / "x").exists()
+
+
+def corrupt_case(rank, world, group, path):
+    model = build(group, "element", seed=0)
+    try:
+        checkpoint.load(path, model)
+        return "no error"
+    except checkpoint.CheckpointError as e:
+        return str(e)
+
+
+def test_a_damaged_file_fails_every_rank_without_a_hang(pool, tmp_path):
+    path = tmp_path / "ckpt"
+    pool.run(saved_full_case, 2, str(path))
+    victim = sorted(n for n in os.listdir(path) if n.endswith(".distcp"))[-1]  # verified by one rank only
+    data = bytearray((path / victim).read_bytes())
+    data[-10] ^= 0xFF
+    (path / victim).write_bytes(bytes(data))
+    assert all("CRC-32" in message for message in pool.run(corrupt_case, 2, str(path)))

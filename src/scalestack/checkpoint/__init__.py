@@ -7,8 +7,18 @@ publication, the newest-complete pick, ``keep_last``, asynchronous saves and str
 """
 
 from .directory import CheckpointError
+from .export import export_hf, export_safetensors, read_model_state
 from .load import load
 from .optimizer_state import optimizer_state_dict
 from .save import AsyncSave, save
 
-__all__ = ["AsyncSave", "CheckpointError", "load", "optimizer_state_dict", "save"]
+__all__ = [
+    "AsyncSave",
+    "CheckpointError",
+    "export_hf",
+    "export_safetensors",
+    "load",
+    "optimizer_state_dict",
+    "read_model_state",
+    "save",
+]

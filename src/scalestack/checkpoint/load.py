@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from . import contents, directory
-from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, param_names
+from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, names_in, param_names
 from .save import _agree, _check_arguments, _dcp_call, _rank_world, wait_pending
 
 
@@ -42,12 +42,14 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     ckpt, metadata = _open(Path(path).absolute(), rank, world, group)
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
+    names = param_names(model)
+    for _, opt in opts:
+        names_in(opt, names)  # before init_optimizer_state steps it: every parameter is the model's
     created = {prefix: init_optimizer_state(opt, group) for prefix, opt in opts}
     extra_key = contents.rank_key(rank if f"{contents.EXTRA}.{contents.rank_key(rank)}" in saved else 0)
     target = contents.build(model, optimizer, scheduler, None, 0)
     if f"{contents.EXTRA}.{extra_key}" in saved:
         target[contents.EXTRA] = {extra_key: b""}
-    names = param_names(model)
     made_to_load = {f"{prefix}.state.{names[i]}" for prefix, ids in created.items() for i in ids}
     flat = _match(contents.flatten(target), saved, [prefix for prefix, _ in opts], made_to_load, strict, ckpt.path)
     small = contents.nest([(path, v) for path, v in flat.values() if not torch.is_tensor(v)])
@@ -148,5 +150,5 @@ def _report(missing: list[str], unexpected: list[str], mismatched: list[str], sh
                         ("shape mismatch", mismatched)):  # fmt: skip
         if keys:
             more = f" (and {len(keys) - show} more)" if len(keys) > show else ""
-            lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:show]) + more)
+            lines.append(f"  {title} ({len(keys)}): " + ", ".join(sorted(keys)[:show]) + more)
     return "\n".join(lines)

@@ -30,7 +30,8 @@ def param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _names_of(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+def names_in(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+    """Each param group's parameter names (every parameter must be in the model)."""
     out = []
     for g, group in enumerate(optimizer.param_groups):
         group_names = []
@@ -66,7 +67,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """``{"state": {name: {key: value}}, "param_groups": [{..., "params": [name, ...]}]}``; sharded states are
     ``PieceTensor`` views of the optimizer's own tensors (no copy), so ``dcp.load`` fills them in place."""
     names = param_names(model)
-    group_names = _names_of(optimizer, names)
+    group_names = names_in(optimizer, names)
     block_keys = set(getattr(optimizer, "block_state_keys", ()))
     state: dict[str, dict[str, Any]] = {}
     for group, pnames in zip(optimizer.param_groups, group_names):
@@ -113,7 +114,7 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
 
 def check_groups(optimizer: torch.optim.Optimizer, model: nn.Module, saved_groups: list[dict[str, Any]]) -> None:
     """The saved param groups hold the same parameters, by name and order, as ``optimizer``'s."""
-    current = _names_of(optimizer, param_names(model))
+    current = names_in(optimizer, param_names(model))
     if len(saved_groups) != len(current):
         raise ValueError(
             f"the checkpoint's optimizer has {len(saved_groups)} param groups and this one {len(current)}; build the "

@@ -19,6 +19,7 @@ import functools
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -131,6 +132,12 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     wait_pending()
     group = contents.process_group_of(model, process_group)
     rank, world = _rank_world(group)
+    if async_save and group is not None and world != dist.get_world_size():
+        raise ValueError(
+            f"async_save=True writes from a background thread on a process group of its own, which every rank of "
+            f"the job must create together, but this model's group holds {world} of {dist.get_world_size()} ranks; "
+            "pass process_group= spanning all ranks (e.g. torch.distributed.group.WORLD), or save synchronously"
+        )
     tmp = directory.temporary_path(final)
     error = None
     try:
@@ -156,7 +163,9 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
 
 def _dcp_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():  # one process by intent: DCP need not warn that it assumed so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return fn(*args, **kwargs)
     except BaseException as e:  # DCP raises CheckpointException, a BaseException, with every rank's failure
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -188,9 +197,8 @@ def _async_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     if group is None and not dist.is_initialized():
         return None
     key = id(group)
-    if key not in _async_groups:
-        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-        _async_groups[key] = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+    if key not in _async_groups:  # every rank of the job creates it: the group checked to span them all
+        _async_groups[key] = dist.new_group(dist.get_process_group_ranks(group or dist.group.WORLD), backend="gloo")
     return _async_groups[key]
 
 

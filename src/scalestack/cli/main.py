@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checkpoint.directory import CheckpointError
 from ..planner.model_shapes import ConfigError
-from . import plan, retrieve
+from . import export, plan, retrieve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scalestack", description="scalestack: ragged, structure-aware FSDP")
     sub = parser.add_subparsers(dest="command", required=True)
     plan.add_parser(sub)
+    export.add_parser(sub)
     retrieve.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:
         print(f"scalestack {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -174,7 +174,7 @@ class PieceTensor(torch.Tensor):
             self = args[0]
             return PieceTensor(func(self._local, *args[1:], **kwargs), self.info, self.block)
         shapes = [list(a.shape) for a in args if isinstance(a, PieceTensor)]
-        raise TypeError(
+        raise RuntimeError(  # not TypeError: Python turns that into "unsupported operand" for a + b
             f"{func} on a PieceTensor (this rank's piece of a sharded tensor of global shape "
             f"{shapes[0] if shapes else '?'}): compute on .to_local() (the piece) or .full_tensor() (the whole "
             "tensor, a collective); torch.distributed.checkpoint and load_state_dict take it as it is"
