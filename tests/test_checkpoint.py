@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -277,14 +276,17 @@ def test_boxes_cover_exactly_the_range_in_memory_order():
         assert flat.tolist() == list(range(start, end)), (shape, start, end, got)  # whole, disjoint, in order
 
 
+def whole(v: torch.Tensor) -> torch.Tensor:
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
 def piece_case(rank, world, group):
     model = build(group, "element", seed=0)
     ref = build(None, None, seed=0).state_dict()
     sd = model.state_dict()
     piece = sd["blocks.0.experts"]
     out = {"type": type(piece).__name__, "shape": list(piece.shape), "repr": repr(piece)}
-    out["full_equal"] = all(torch.equal(v.full_tensor(), ref[k]) if hasattr(v, "full_tensor") else torch.equal(v, ref[k])
-                            for k, v in sd.items())  # fmt: skip
+    out["full_equal"] = all(torch.equal(whole(v), ref[k]) for k, v in sd.items())
     try:
         piece + 1
         out["compute"] = "no error"
@@ -293,8 +295,7 @@ def piece_case(rank, world, group):
     # load_state_dict takes full tensors on a sharded model (each rank copies its piece out)
     fresh = build(group, "row", seed=5)
     fresh.load_state_dict(ref)
-    out["full_loaded"] = all(torch.equal(v.full_tensor(), ref[k]) if hasattr(v, "full_tensor") else torch.equal(v, ref[k])
-                             for k, v in fresh.state_dict().items())  # fmt: skip
+    out["full_loaded"] = all(torch.equal(whole(v), ref[k]) for k, v in fresh.state_dict().items())
     try:  # a piece of another layout is refused, not silently misplaced
         fresh.load_state_dict(sd)
         out["other_layout"] = "no error"
@@ -480,8 +481,9 @@ def test_paths_that_are_not_checkpoints_and_damaged_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     dcp.save(model.state_dict(), checkpoint_id=tmp_path / "stock", no_dist=True)
-    for path, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "holds no complete"),
-                          (tmp_path / "file", "is a file"), (tmp_path / "stock", "torch.distributed.checkpoint.load")]:  # fmt: skip
+    for name, message in [("nope", "does not exist"), ("empty", "holds no complete"), ("file", "is a file"),
+                          ("stock", "torch.distributed.checkpoint.load")]:  # fmt: skip
+        path = tmp_path / name
         with pytest.raises(checkpoint.CheckpointError, match=message):
             checkpoint.load(path, model)
 

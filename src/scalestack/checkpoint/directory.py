@@ -18,13 +18,14 @@ import os
 import shutil
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 MARKER = "scalestack.json"
 FORMAT = "scalestack-checkpoint"
 VERSION = 1
-_CHUNK = 1 << 24
+_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
@@ -44,23 +45,30 @@ def temporary_path(final: Path) -> Path:
 
 
 def crc32_of(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            crc = zlib.crc32(block, crc)
+    crc, buffer = 0, bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
     return crc
 
 
-def file_sums(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
-    return {name: ((directory / name).stat().st_size, crc32_of(directory / name)) for name in names}
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sums(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Size and CRC-32 of each file, while another thread makes them durable: DCP writes them without
+    fsync, so the disk flushes while the CPU sums (both must finish before the checkpoint is published)."""
+    with ThreadPoolExecutor(1) as flusher:
+        flushed = flusher.map(_fsync, [directory / n for n in names])
+        sums = {name: ((directory / name).stat().st_size, crc32_of(directory / name)) for name in names}
+        list(flushed)
+    return sums
 
 
 def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int, int]]) -> None:
@@ -76,14 +84,14 @@ def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int,
         json.dump(marker, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    _fsync(tmp)
     replaced = final.parent / f".{final.name}.replaced"
     if final.exists():
         if replaced.exists():
             shutil.rmtree(replaced)
         os.rename(final, replaced)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     if replaced.exists():
         shutil.rmtree(replaced)
 

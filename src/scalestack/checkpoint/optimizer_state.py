@@ -91,7 +91,8 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
     exchanges pieces between ranks)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     missing = [p for p in params if not optimizer.state.get(p)]
-    need = torch.tensor([1 if missing else 0])
+    device = params[0].device if params else torch.device("cpu")
+    need = torch.tensor([1 if missing else 0], device=device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(need, op=dist.ReduceOp.MAX, group=group)
     if not need.item():
@@ -99,8 +100,9 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
     kept_grads = {p: p.grad for p in params}
     lrs = [g["lr"] for g in optimizer.param_groups]
     try:
-        for p in params:
-            p.grad = torch.zeros_like(p) if p in set(missing) else None
+        lacking = set(missing)
+        for p in params:  # an expanded zero allocates nothing; a state is created at its full size anyway
+            p.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape) if p in lacking else None
         for g in optimizer.param_groups:
             g["lr"] = torch.zeros_like(g["lr"]) if torch.is_tensor(g["lr"]) else 0.0
         optimizer.step()

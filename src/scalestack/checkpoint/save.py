@@ -1,7 +1,8 @@
 """``scalestack.checkpoint.save``: one DCP checkpoint of model, optimizer, scheduler and ``extra``, atomic.
 
 Every rank writes its own pieces (no gather, no copy: DCP's file writer serializes each chunk straight from
-the shard) into the hidden temporary directory; then each rank sums its own files, rank 0 collects the sums,
+the shard) into the hidden temporary directory; then each rank sums its own files while another thread
+flushes them to disk (DCP writes them without fsync, so the two overlap), rank 0 collects the sums,
 writes the marker and renames the directory to its final name (``directory.py``), prunes to ``keep_last``
 and tells every rank, which is the barrier that makes ``save`` return only once the checkpoint is visible.
 
@@ -150,12 +151,12 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
         error = f"save to {final} failed on rank {rank}: {type(e).__name__}: {e}"
     _agree(error, group)
     if not async_save:
-        _dcp_call(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp), process_group=group,
+        _dcp_call(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), process_group=group,
                   no_dist=group is None and not dist.is_initialized())  # fmt: skip
         _publish(tmp, final, rank, world, group, keep_last)
         return None
     background = _async_group(group)  # the background thread's collectives run on a group of their own
-    upload = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=background,
+    upload = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), process_group=background,
                             async_stager=_CopyToCPU(), no_dist=background is None)  # fmt: skip
     _pending = AsyncSave(upload, functools.partial(_publish, tmp, final, rank, world, background, keep_last), final)
     return _pending

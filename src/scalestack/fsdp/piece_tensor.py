@@ -154,7 +154,7 @@ class PieceTensor(torch.Tensor):
         for offsets, sizes in self._boxes():
             n = math.prod(sizes)
             if torch.Size(offsets) == index.offset:
-                return flat[lo : lo + n].view(sizes)
+                return _exact_storage(flat[lo : lo + n]).view(sizes)
             lo += n
         raise ValueError(f"{index.fqn!r}: this rank holds no chunk at offset {list(index.offset or ())}")
 
@@ -187,6 +187,15 @@ _ON_THE_PIECE = {
     torch.ops.aten.clone.default,
     torch.ops.aten._to_copy.default,
 }
+
+
+def _exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory as a tensor whose storage is exactly its bytes (no copy). DCP's file writer copies a
+    view of a larger storage before ``torch.save`` (which would write the whole storage), and torch 2.13's
+    writer keeps every such copy until the file is closed: a save would cost a copy of the whole shard."""
+    if t.device.type != "cpu" or t.numel() == 0 or t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return torch.from_numpy(t.detach().view(torch.uint8).numpy()).view(t.dtype)
 
 
 def _range(start: int, end: int, block: int) -> tuple[int, int]:

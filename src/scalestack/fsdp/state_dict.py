@@ -1,6 +1,6 @@
 """Full (unsharded) state dicts: keys and shapes exactly as the unsharded model's ``state_dict()``.
 
-``model.state_dict()`` itself returns this rank's pieces (see ``dcp_guard``).
+``model.state_dict()`` itself returns ``PieceTensor``s, this rank's pieces (see ``state_dict_hooks``).
 """
 
 from __future__ import annotations
