@@ -531,9 +531,11 @@ def test_a_model_or_optimizer_that_does_not_match_is_named(tmp_path):
     wider = build(None, None, seed=1)
     wider.blocks[1].experts = nn.Parameter(torch.zeros(EXPERTS + 1, HIDDEN, D))
     before = {k: v.clone() for k, v in wider.state_dict().items()}
+    wider_opt = torch.optim.AdamW(wider.parameters())
     with pytest.raises(ValueError, match=r"shape mismatch \(1\): model\.blocks\.1\.experts \(checkpoint \[3, 40, 24\]"):
-        checkpoint.load(tmp_path / "ckpt", wider)
+        checkpoint.load(tmp_path / "ckpt", wider, wider_opt)
     assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())  # nothing changed
+    assert not wider_opt.state  # not even the state made to load into
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checkpoint.load(tmp_path / "ckpt", wider, strict=False)

@@ -46,19 +46,24 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     for _, opt in opts:
         names_in(opt, names)  # before init_optimizer_state steps it: every parameter is the model's
     created = {prefix: init_optimizer_state(opt, group) for prefix, opt in opts}
-    extra_key = contents.rank_key(rank if f"{contents.EXTRA}.{contents.rank_key(rank)}" in saved else 0)
-    target = contents.build(model, optimizer, scheduler, None, 0)
-    if f"{contents.EXTRA}.{extra_key}" in saved:
-        target[contents.EXTRA] = {extra_key: b""}
-    made_to_load = {f"{prefix}.state.{names[i]}" for prefix, ids in created.items() for i in ids}
-    flat = _match(contents.flatten(target), saved, [prefix for prefix, _ in opts], made_to_load, strict, ckpt.path)
-    small = contents.nest([(path, v) for path, v in flat.values() if not torch.is_tensor(v)])
-    _read(small, ckpt.path, group)  # the pickled values first: the param groups are checked before any change
-    groups = {prefix: _get(small, f"{prefix}.param_groups") for prefix, _ in opts}
-    for prefix, opt in opts:
-        if groups[prefix] is not None:
-            check_groups(opt, model, contents.unblob(groups[prefix]))
-    _read(contents.nest([(path, v) for path, v in flat.values() if torch.is_tensor(v)]), ckpt.path, group)
+    try:
+        extra_key = contents.rank_key(rank if f"{contents.EXTRA}.{contents.rank_key(rank)}" in saved else 0)
+        target = contents.build(model, optimizer, scheduler, None, 0)
+        if f"{contents.EXTRA}.{extra_key}" in saved:
+            target[contents.EXTRA] = {extra_key: b""}
+        made_to_load = {f"{prefix}.state.{names[i]}" for prefix, ids in created.items() for i in ids}
+        flat = _match(contents.flatten(target), saved, [prefix for prefix, _ in opts], made_to_load, strict, ckpt.path)
+        small = contents.nest([(path, v) for path, v in flat.values() if not torch.is_tensor(v)])
+        _read(small, ckpt.path, group)  # the pickled values first: the param groups are checked before any change
+        groups = {prefix: _get(small, f"{prefix}.param_groups") for prefix, _ in opts}
+        for prefix, opt in opts:
+            if groups[prefix] is not None:
+                check_groups(opt, model, contents.unblob(groups[prefix]))
+        _read(contents.nest([(path, v) for path, v in flat.values() if torch.is_tensor(v)]), ckpt.path, group)
+    except BaseException:
+        for prefix, opt in opts:  # the state made to load into goes again: nothing changed
+            apply_loaded(opt, model, None, set(), created[prefix])
+        raise
     for prefix, opt in opts:
         state = f"{prefix}.state."
         loaded = {k[len(state) :].rsplit(".", 1)[0] for k in flat if k.startswith(state)}

@@ -156,8 +156,8 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
         _publish(tmp, final, rank, world, group, keep_last)
         return None
     background = _async_group(group)  # the background thread's collectives run on a group of their own
-    upload = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), process_group=background,
-                            async_stager=_CopyToCPU(), no_dist=background is None)  # fmt: skip
+    upload = _dcp_call(dcp.async_save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
+                       process_group=background, async_stager=_CopyToCPU(), no_dist=background is None)  # fmt: skip
     _pending = AsyncSave(upload, functools.partial(_publish, tmp, final, rank, world, background, keep_last), final)
     return _pending
 
