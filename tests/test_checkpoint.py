@@ -286,7 +286,8 @@ def piece_case(rank, world, group):
     sd = model.state_dict()
     piece = sd["blocks.0.experts"]
     out = {"type": type(piece).__name__, "shape": list(piece.shape), "repr": repr(piece)}
-    out["full_equal"] = all(torch.equal(whole(v), ref[k]) for k, v in sd.items())
+    whole_sd = {k: whole(v) for k, v in sd.items()}  # every rank gathers every tensor, then compares
+    out["full_equal"] = all(torch.equal(v, ref[k]) for k, v in whole_sd.items())
     try:
         piece + 1
         out["compute"] = "no error"
@@ -295,22 +296,80 @@ def piece_case(rank, world, group):
     # load_state_dict takes full tensors on a sharded model (each rank copies its piece out)
     fresh = build(group, "row", seed=5)
     fresh.load_state_dict(ref)
-    out["full_loaded"] = all(torch.equal(whole(v), ref[k]) for k, v in fresh.state_dict().items())
+    fresh_sd = {k: whole(v) for k, v in fresh.state_dict().items()}
+    out["full_loaded"] = all(torch.equal(v, ref[k]) for k, v in fresh_sd.items())
     try:  # a piece of another layout is refused, not silently misplaced
         fresh.load_state_dict(sd)
         out["other_layout"] = "no error"
     except RuntimeError as e:
         out["other_layout"] = str(e)
+    try:  # assign=True on a submodule would detach its pieces from the shard
+        fresh.blocks[0].load_state_dict(fresh.blocks[0].state_dict(), assign=True)
+        out["assign"] = "no error"
+    except RuntimeError as e:
+        out["assign"] = str(e)
     return out
 
 
 def test_state_dict_values_are_pieces_of_the_global_tensors(pool):
-    for out in pool.run(piece_case, 3):
+    outs = pool.run(piece_case, 3)
+    for out in outs:
         assert out["type"] == "PieceTensor" and out["shape"] == [EXPERTS, HIDDEN, D]
         assert "global_shape=[3, 40, 24]" in out["repr"]
         assert out["full_equal"] and out["full_loaded"]
         assert "to_local()" in out["compute"]
-    assert any("sharded differently" in out["other_layout"] for out in pool.run(piece_case, 3))
+        assert "assign=False" in out["assign"]
+    assert any("sharded differently" in out["other_layout"] for out in outs)  # ranks whose pieces differ
+
+
+def gathered_case(rank, world, group, path):
+    """A unit kept gathered between steps takes what is loaded: its next forward uses the loaded values."""
+    model = build(group, "element", seed=0)
+    opt, _ = make_optimizers(model, "adamw")
+    train_step(model, opt, None, 0, rank, world, group)
+    checkpoint.save(path, model, opt)
+    x, y = batch(9)
+    expected = model(x, y).item()
+    kept = build(group, "element", seed=1)
+    kept.set_reshard_after_backward(False)
+    kept_opt, _ = make_optimizers(kept, "adamw")
+    train_step(kept, kept_opt, None, 0, rank, world, group)  # its units stay gathered
+    stock = build(group, "element", seed=2)
+    stock.unshard()
+    checkpoint.load(path, kept, kept_opt)
+    dcp.load({"model": stock.state_dict()}, checkpoint_id=path, process_group=group)  # stock, in place
+    return expected, kept(x, y).item(), stock(x, y).item()
+
+
+def test_loading_into_units_kept_gathered_reaches_their_forward(pool, tmp_path):
+    for expected, kept, stock in pool.run(gathered_case, 2, str(tmp_path / "ckpt")):
+        assert kept == expected and stock == expected
+
+
+def failing_rank_case(rank, world, group, path):
+    """A rank that fails while publishing still takes part in the collectives: every rank raises, none hangs,
+    and the group works afterwards."""
+    from scalestack.checkpoint import directory
+
+    model = build(group, "element", seed=0)
+    sums = directory.file_sums
+    if rank == 1:
+        directory.file_sums = lambda *a: (_ for _ in ()).throw(OSError("disk on fire"))
+    try:
+        checkpoint.save(os.path.join(path, "a"), model)
+        first = "no error"
+    except checkpoint.CheckpointError as e:
+        first = str(e)
+    finally:
+        directory.file_sums = sums
+    checkpoint.save(os.path.join(path, "b"), model)
+    return first, sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
+def test_a_rank_failing_to_publish_fails_every_rank(pool, tmp_path):
+    for first, visible in pool.run(failing_rank_case, 2, str(tmp_path)):
+        assert "disk on fire" in first
+        assert visible == ["b"]
 
 
 # --- atomic saves, newest complete, keep_last, async ---------------------------------------------------------
@@ -320,7 +379,7 @@ def series_case(rank, world, group, root):
     model = build(group, "element", seed=0)
     opt, _ = make_optimizers(model, "adamw")
     snaps = {}
-    for step, name in enumerate(["a", "b", "c"]):
+    for step, name in enumerate(["step_1", "step_2", "step_3"]):
         train_step(model, opt, None, step, rank, world, group)
         checkpoint.save(os.path.join(root, name), model, opt, extra={"step": step}, keep_last=2)
         snaps[name] = snapshot(model, opt, group)
@@ -340,19 +399,19 @@ def series_case(rank, world, group, root):
     # the same name again replaces it
     checkpoint.save(os.path.join(root, "d"), model, opt, extra={"step": 5})
     replaced = checkpoint.load(root, fresh, fresh_opt)
-    return visible, extra, newest_equal, snaps["c"], async_loaded, at_save, replaced
+    return visible, extra, newest_equal, snaps["step_3"], async_loaded, at_save, replaced
 
 
 def test_newest_complete_keep_last_async_and_replace(pool, tmp_path):
     root = str(tmp_path / "run")
     # W=4: all the pool's ranks (the asynchronous save creates a process group, which every rank must join)
     visible, extra, newest, saved_c, async_loaded, at_save, replaced = pool.run(series_case, 4, root)[0]
-    assert visible == ["b", "c"]  # keep_last=2 deleted "a" once "c" was complete
+    assert visible == ["step_2", "step_3"]  # keep_last=2 deleted step_1 once step_3 was complete
     assert extra == {"step": 2}
     assert_bitwise(newest, saved_c)
     assert_bitwise(async_loaded, at_save)
     assert replaced == {"step": 5}
-    assert sorted(os.listdir(root)) == ["b", "c", "d"]  # no temporary or replaced directory left behind
+    assert sorted(os.listdir(root)) == ["d", "step_2", "step_3"]  # no temporary or replaced directory left
 
 
 def _die_mid_save(rank, world, port, root, out):
@@ -578,3 +637,57 @@ def test_a_damaged_file_fails_every_rank_without_a_hang(pool, tmp_path):
     data[-10] ^= 0xFF
     (path / victim).write_bytes(bytes(data))
     assert all("CRC-32" in message for message in pool.run(corrupt_case, 2, str(path)))
+
+
+def test_saves_never_replace_what_is_not_a_checkpoint_and_prune_only_their_series(tmp_path):
+    model = build(None, None, seed=0)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "train.py").write_text("print('mine')")
+    with pytest.raises(checkpoint.CheckpointError, match="is not a scalestack checkpoint"):
+        checkpoint.save(tmp_path / "project", model)
+    assert (tmp_path / "project" / "train.py").exists()
+    run = tmp_path / "run"
+    checkpoint.save(run / "best", model)
+    for step in (1, 2, 3):
+        checkpoint.save(run / f"step_{step}", model, keep_last=2)
+    assert sorted(os.listdir(run)) == ["best", "step_2", "step_3"]
+    with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints"):
+        checkpoint.save(run, model)  # the directory of checkpoints itself
+    (run / ".step_1.deleting-0").mkdir()  # left by a crash mid-prune
+    (run / ".step_1.deleting-0" / "x").write_text("x")
+    checkpoint.save(run / "step_4", model, keep_last=2)
+    assert sorted(os.listdir(run)) == ["best", "step_3", "step_4"]
+    # a crash between moving the old copy aside and renaming the new one: the old copy is still found
+    os.rename(run / "step_4", run / ".step_4.replaced")
+    checkpoint.load(run / "step_4", model)
+
+
+class Counting(torch.optim.SGD):
+    """Keeps a Python int in its state, as some optimizers keep their step."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["count"] = self.state[p].get("count", 0) + 1
+
+
+def test_non_tensor_optimizer_state_and_the_optimizer_class_round_trip(tmp_path):
+    model = build(None, None, seed=0)
+    opt = Counting(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        train_step(model, opt, None, step, 0, 1, None)
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    fresh = build(None, None, seed=1)
+    fresh_opt = Counting(fresh.parameters(), lr=0.5, momentum=0.9)
+    checkpoint.load(tmp_path / "ckpt", fresh, fresh_opt)
+    assert {s["count"] for s in fresh_opt.state.values()} == {3}
+    assert fresh_opt.param_groups[0]["lr"] == 0.1
+    other = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9)
+    with pytest.raises(ValueError, match="is a test_checkpoint.Counting, this one a torch.optim.sgd.SGD"):
+        checkpoint.load(tmp_path / "ckpt", fresh, other)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.load(tmp_path / "ckpt", fresh, other, strict=False)
+    assert any("hyperparameters are not loaded" in str(w.message) for w in caught)
+    assert other.param_groups[0]["lr"] == 0.5

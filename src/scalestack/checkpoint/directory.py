@@ -8,7 +8,7 @@ moves the old one aside (``.NAME.replaced``, still complete and still found by `
 rename and deletes it after.
 
 ``resolve`` picks, among the visible complete checkpoints of a directory, the one saved last;
-``prune`` keeps the newest ``keep_last`` of them.
+``prune`` keeps the newest ``keep_last`` of a series (names that differ only in trailing digits).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class Checkpoint:
     saved_at_ns: int
     world_size: int
     files: dict[str, tuple[int, int]]  # name -> (size in bytes, CRC-32)
+    optimizers: dict[str, str]  # key prefix -> the optimizer's class
 
 
 def temporary_path(final: Path) -> Path:
@@ -71,7 +73,23 @@ def file_sums(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
     return sums
 
 
-def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int, int]]) -> None:
+def check_target(final: Path) -> None:
+    """``final`` may be written: it does not exist, or it is a complete checkpoint (which it replaces). Any
+    other directory or file is the user's: never replaced."""
+    if not final.exists():
+        return
+    try:
+        read(final)
+    except CheckpointError:
+        holds = " (it holds checkpoints: save into a new name under it)" if complete_checkpoints(final) else ""
+        raise CheckpointError(
+            f"{final} exists and is not a scalestack checkpoint{holds}; a save replaces only a checkpoint of the "
+            "same name: choose another path"
+        ) from None
+
+
+def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int, int]],
+            optimizers: dict[str, str]) -> None:  # fmt: skip
     """Write the marker into the finished temporary directory and rename it to its final name (rank 0 only,
     after every rank has written its files)."""
     listed = {n for n in os.listdir(tmp)} - {MARKER}
@@ -79,6 +97,7 @@ def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int,
     if unlisted:
         raise CheckpointError(f"{tmp} holds files no rank reported writing: {unlisted[:5]}")
     marker = {"format": FORMAT, "version": VERSION, "saved_at_ns": time.time_ns(), "world_size": world_size,
+              "optimizers": optimizers,
               "files": {n: {"bytes": s, "crc32": c} for n, (s, c) in sorted(files.items())}}  # fmt: skip
     with open(tmp / MARKER, "w") as f:
         json.dump(marker, f, indent=1)
@@ -87,6 +106,7 @@ def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int,
     _fsync(tmp)
     replaced = final.parent / f".{final.name}.replaced"
     if final.exists():
+        check_target(final)  # checked before the save too: this guards a directory made since
         if replaced.exists():
             shutil.rmtree(replaced)
         os.rename(final, replaced)
@@ -100,6 +120,9 @@ def read(path: Path) -> Checkpoint:
     """The checkpoint at ``path``, with a clear error when it is not one (or not a complete one)."""
     marker = path / MARKER
     if not path.exists():
+        replaced = path.parent / f".{path.name}.replaced"
+        if (replaced / MARKER).exists():  # a crash while this checkpoint was being replaced: the old copy
+            return read(replaced)
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory")
@@ -120,7 +143,8 @@ def read(path: Path) -> Checkpoint:
                 f"{path} was written by a newer scalestack (format version {meta['version']} > {VERSION}); upgrade"
             )
         files = {n: (int(v["bytes"]), int(v["crc32"])) for n, v in meta["files"].items()}
-        return Checkpoint(path, int(meta["saved_at_ns"]), int(meta["world_size"]), files)
+        optimizers = {str(k): str(v) for k, v in meta.get("optimizers", {}).items()}
+        return Checkpoint(path, int(meta["saved_at_ns"]), int(meta["world_size"]), files, optimizers)
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -170,12 +194,23 @@ def resolve(path: Path) -> Checkpoint:
     raise CheckpointError(f"{path} holds no complete scalestack checkpoint{hint}")
 
 
+def series(name: str) -> str:
+    """The series a checkpoint name belongs to: the name without its trailing digits (step_100 -> step_)."""
+    return name.rstrip("0123456789")
+
+
 def prune(directory: Path, keep_last: int, keep: Path) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints under ``directory`` (never ``keep``)."""
-    found = complete_checkpoints(directory)
-    doomed = [c.path for c in found[: max(len(found) - keep_last, 0)] if c.path != keep]
+    """Delete all but the newest ``keep_last`` complete checkpoints of ``keep``'s series under ``directory``
+    (names equal to ``keep``'s but for trailing digits: step_100, step_200; never ``keep`` itself, never
+    another series such as "best"). Each goes out of sight by a rename before it is deleted, so a crash
+    mid-delete leaves no damaged visible checkpoint; leftovers of such crashes are deleted here too."""
+    for trash in directory.glob(".*.deleting-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    mine = [c for c in complete_checkpoints(directory) if series(c.path.name) == series(keep.name)
+            and not c.path.name.startswith(".")]  # fmt: skip
+    doomed = [c.path for c in mine[: max(len(mine) - keep_last, 0)] if c.path != keep]
     for p in doomed:
-        trash = p.parent / f".{p.name}.deleting"
-        os.rename(p, trash)  # invisible at once, so a crash mid-delete leaves no damaged visible checkpoint
+        trash = p.parent / f".{p.name}.deleting-{uuid.uuid4().hex[:8]}"
+        os.rename(p, trash)
         shutil.rmtree(trash)
     return doomed

@@ -19,6 +19,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
+from ..fsdp import collectives as comm
+from ..fsdp.api import units
+from ..fsdp.state_dict_hooks import to_sharded
 from . import contents, directory
 from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, names_in, param_names
 from .save import _agree, _check_arguments, _dcp_call, _rank_world, wait_pending
@@ -42,6 +45,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     ckpt, metadata = _open(Path(path).absolute(), rank, world, group)
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
+    other_kind = _other_kinds(ckpt, opts, strict)
+    to_sharded(units(model))  # parameter names as the optimizer sees them: the pieces
     names = param_names(model)
     for _, opt in opts:
         names_in(opt, names)  # before init_optimizer_state steps it: every parameter is the model's
@@ -56,19 +61,22 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
         small = contents.nest([(path, v) for path, v in flat.values() if not torch.is_tensor(v)])
         _read(small, ckpt.path, group)  # the pickled values first: the param groups are checked before any change
         groups = {prefix: _get(small, f"{prefix}.param_groups") for prefix, _ in opts}
+        groups = {p: contents.unblob(g) if g is not None and p not in other_kind else None for p, g in groups.items()}
         for prefix, opt in opts:
             if groups[prefix] is not None:
-                check_groups(opt, model, contents.unblob(groups[prefix]))
+                check_groups(opt, model, groups[prefix])
         _read(contents.nest([(path, v) for path, v in flat.values() if torch.is_tensor(v)]), ckpt.path, group)
     except BaseException:
-        for prefix, opt in opts:  # the state made to load into goes again: nothing changed
+        for prefix, opt in opts:  # the state made only to load into goes again
             apply_loaded(opt, model, None, set(), created[prefix])
         raise
     for prefix, opt in opts:
         state = f"{prefix}.state."
         loaded = {k[len(state) :].rsplit(".", 1)[0] for k in flat if k.startswith(state)}
-        saved_groups = contents.unblob(groups[prefix]) if groups[prefix] is not None else None
-        apply_loaded(opt, model, saved_groups, loaded, created[prefix])
+        apply_loaded(opt, model, groups[prefix], loaded, created[prefix])
+        by_name = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
+        for name, entry in (_get(small, f"{prefix}.state") or {}).items():  # non-tensor state (an int step)
+            opt.state[by_name[name]].update(entry)
     scheduler_state = _get(small, contents.SCHEDULER)
     if scheduler is not None and scheduler_state is not None:
         scheduler.load_state_dict(contents.unblob(scheduler_state))
@@ -79,6 +87,23 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
 def _read(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None) -> None:
     _dcp_call(dcp.load, state, storage_reader=dcp.FileSystemReader(path), process_group=group,
               no_dist=group is None and not dist.is_initialized())  # fmt: skip
+
+
+def _other_kinds(ckpt: directory.Checkpoint, opts: list, strict: bool) -> set[str]:
+    """Optimizers of another class than the saved one: an error (strict), else their hyperparameters stay."""
+    other = set()
+    for prefix, opt in opts:
+        saved = ckpt.optimizers.get(prefix)
+        if saved is not None and saved != contents.class_name(opt):
+            message = f"the checkpoint's {prefix} is a {saved}, this one a {contents.class_name(opt)}"
+            if strict:
+                raise ValueError(
+                    f"{message}; build the saved kind of optimizer, or load with strict=False (which loads the "
+                    "states whose names and shapes match and keeps this one's hyperparameters)"
+                )
+            warnings.warn(f"{message}: its hyperparameters are not loaded", stacklevel=3)
+            other.add(prefix)
+    return other
 
 
 def _get(nested: dict[str, Any], key: str) -> Any:
@@ -92,18 +117,27 @@ def _get(nested: dict[str, Any], key: str) -> Any:
 
 
 def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None):
-    """The checkpoint and its DCP metadata, its files verified (each rank a share); the same error on all."""
-    error, ckpt = None, None
+    """The checkpoint (rank 0 resolves "the newest": every rank must load the same one) and its DCP metadata,
+    its files verified (each rank a share); any rank's error is raised on every rank."""
+    choice: object = None
+    if rank == 0:
+        try:
+            choice = str(directory.resolve(path).path)
+        except directory.CheckpointError as e:
+            choice = e
+    choice = comm.broadcast_object(choice, group)
+    if isinstance(choice, Exception):
+        raise choice
+    error, ckpt, metadata = None, None, None
     try:
-        ckpt = directory.resolve(path)
+        ckpt = directory.read(Path(choice))
         directory.verify(ckpt, sorted(ckpt.files)[rank::world])
+        metadata = dcp.FileSystemReader(ckpt.path).read_metadata()
     except directory.CheckpointError as e:
         error = str(e)
-    _agree(error, group)
-    try:
-        metadata = dcp.FileSystemReader(ckpt.path).read_metadata()
     except Exception as e:  # noqa: BLE001 -- a verified file that DCP cannot read
-        raise directory.CheckpointError(f"checkpoint {ckpt.path}: its DCP metadata cannot be read ({e})") from e
+        error = f"checkpoint {choice}: its DCP metadata cannot be read ({e})"
+    _agree(error, group)
     return ckpt, metadata
 
 

@@ -80,9 +80,17 @@ def wait_pending() -> None:
 
 
 def _wait_at_exit() -> None:
-    if _pending is not None and dist.is_initialized():
+    if _pending is None or _pending.done():
+        return
+    if dist.is_initialized():
         with contextlib.suppress(Exception):  # going down: the save stays invisible, never half-visible
             _pending.wait()
+            return
+    warnings.warn(
+        f"the asynchronous save to {_pending.path} did not finish before exit and stays invisible; call .wait() "
+        "on what save() returned before torch.distributed.destroy_process_group()",
+        stacklevel=1,
+    )
 
 
 atexit.register(_wait_at_exit)
@@ -140,10 +148,12 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
             "pass process_group= spanning all ranks (e.g. torch.distributed.group.WORLD), or save synchronously"
         )
     tmp = directory.temporary_path(final)
+    classes = {prefix: contents.class_name(opt) for prefix, opt in contents.optimizers(optimizer)}
     error = None
     try:
         state = contents.build(model, optimizer, scheduler, None if extra is None else contents.blob(extra), rank)
         if rank == 0:
+            directory.check_target(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # a save that died earlier
                 shutil.rmtree(tmp)
@@ -153,12 +163,13 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     if not async_save:
         _dcp_call(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), process_group=group,
                   no_dist=group is None and not dist.is_initialized())  # fmt: skip
-        _publish(tmp, final, rank, world, group, keep_last)
+        _publish(tmp, final, rank, world, group, keep_last, classes)
         return None
     background = _async_group(group)  # the background thread's collectives run on a group of their own
     upload = _dcp_call(dcp.async_save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
                        process_group=background, async_stager=_CopyToCPU(), no_dist=background is None)  # fmt: skip
-    _pending = AsyncSave(upload, functools.partial(_publish, tmp, final, rank, world, background, keep_last), final)
+    finish = functools.partial(_publish, tmp, final, rank, world, background, keep_last, classes)
+    _pending = AsyncSave(upload, finish, final)
     return _pending
 
 
@@ -174,20 +185,30 @@ def _dcp_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _publish(tmp: Path, final: Path, rank: int, world: int, group: dist.ProcessGroup | None,
-             keep_last: int | None) -> None:  # fmt: skip
-    """Sum this rank's files, and on rank 0 publish and prune; every rank learns the outcome."""
-    mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata"))
-    sums = directory.file_sums(tmp, mine)
-    gathered = comm.gather_objects(sums, group)
+             keep_last: int | None, classes: dict[str, str]) -> None:  # fmt: skip
+    """Sum this rank's files, and on rank 0 publish and prune; every rank learns the outcome (a rank that
+    fails still takes part in both collectives, so none waits for it)."""
+    try:
+        mine = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata"))
+        report: object = directory.file_sums(tmp, mine)
+    except Exception as e:  # noqa: BLE001 -- sent to rank 0 instead of the sums
+        report = f"summing rank {rank}'s files of {final} failed: {type(e).__name__}: {e}"
+    gathered = comm.gather_objects(report, group)
     outcome = None
     if rank == 0:
+        failed = [r for r in gathered if isinstance(r, str)]
         try:
-            files = {name: s for rank_sums in gathered for name, s in rank_sums.items()}
-            directory.publish(tmp, final, world, files)
-            if keep_last is not None:
-                directory.prune(final.parent, keep_last, keep=final)
+            if failed:
+                raise directory.CheckpointError(failed[0])
+            files = {name: s for sums in gathered for name, s in sums.items()}
+            directory.publish(tmp, final, world, files, classes)
         except Exception as e:  # noqa: BLE001 -- reported to every rank below
-            outcome = f"publishing the checkpoint {final} failed: {type(e).__name__}: {e}"
+            outcome = f"publishing the checkpoint {final} failed: {e}"
+        if outcome is None and keep_last is not None:
+            try:
+                directory.prune(final.parent, keep_last, keep=final)
+            except OSError as e:  # published all the same: a failed clean-up must not read as a failed save
+                warnings.warn(f"{final} is saved, but deleting older checkpoints failed: {e}", stacklevel=3)
     outcome = comm.broadcast_object(outcome, group)
     if outcome:
         raise directory.CheckpointError(outcome)

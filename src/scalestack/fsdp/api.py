@@ -119,14 +119,6 @@ class FSDPModule:
                 )
         return out
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
-        if assign:
-            raise ValueError(
-                "load_state_dict(assign=True) would replace the sharded parameters and detach them from their "
-                "shards; load with assign=False (the default), which copies into the pieces in place"
-            )
-        return super().load_state_dict(state_dict, strict=strict)
-
 
 def _units_under(module: nn.Module, recurse: bool) -> list[ShardedUnit]:
     states = [state_of(m) for m in (module.modules() if recurse else [module])]

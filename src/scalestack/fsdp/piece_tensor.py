@@ -17,6 +17,7 @@ n-d tensor at most 2n - 1. Compute on a ``PieceTensor`` is refused: ``to_local()
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -162,7 +163,18 @@ class PieceTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: int):
         # torch.save of a per-rank state dict stores the piece as a plain tensor (torch.load(weights_only) reads
         # it, and load_state_dict takes it back on the same rank and layout)
+        if self.end - self.start != math.prod(self.shape):
+            warnings.warn(
+                f"pickling this rank's piece [{self.start}, {self.end}) of a {list(self.shape)} tensor as a plain "
+                "tensor: a per-rank save, which loads back on this rank and layout only. For whole tensors use "
+                "scalestack.full_state_dict(model); for checkpoints scalestack.checkpoint.save or "
+                "torch.distributed.checkpoint",
+                stacklevel=2,
+            )
         return self._local.__reduce_ex__(protocol)
+
+    def share_memory_(self) -> PieceTensor:
+        raise RuntimeError("a PieceTensor has no storage of its own to share; share .to_local() (the piece)")
 
     def __deepcopy__(self, memo: dict) -> PieceTensor:
         return PieceTensor(self._local.clone(), self.info, self.block)

@@ -3,7 +3,8 @@
 ``state_dict()`` returns each sharded parameter as a ``PieceTensor`` (global shape, this rank's piece as a
 view of the shard: no gather, no copy), whatever the module shows at the moment (FSDP2 shows its sharded
 DTensors the same way); ``torch.distributed.checkpoint`` saves it as this rank's chunks of the global tensor.
-``state_dict(keep_vars=True)`` still returns the registered parameter objects.
+``state_dict(keep_vars=True)`` still returns the registered parameter objects. Taking a state dict reshards a
+unit kept gathered between steps, so values loaded in place reach its next forward.
 
 ``load_state_dict()`` takes, for a sharded parameter: a ``PieceTensor`` of the same piece (what ``dcp.load``
 filled in place), the full tensor (this rank's piece is copied out of it), or the plain piece that a
@@ -26,6 +27,7 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
         for module, attr in p.uses:
             by_module.setdefault(module, []).append((attr, p))
     for module, entries in by_module.items():
+        module.register_state_dict_pre_hook(lambda m, prefix, keep_vars: _reshard_if_idle(unit))
 
         def save_hook(m: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, entries=entries) -> None:
             for attr, p in entries:
@@ -37,6 +39,14 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
 
         def load_pre_hook(state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list,
                           unexpected_keys: list, error_msgs: list, entries=entries) -> None:  # fmt: skip
+            if local_metadata.get("assign_to_params_buffers"):
+                error_msgs.append(
+                    f"load_state_dict(assign=True) would replace the sharded parameters under {prefix or 'the root'!r} "
+                    "and detach them from their shards; load with assign=False (the default), which copies in place"
+                )
+                for attr, _ in entries:  # so that nothing is assigned
+                    state_dict.pop(prefix + attr, None)
+                return
             _to_sharded_for_load(unit)
             for attr, p in entries:
                 key = prefix + attr
@@ -49,14 +59,28 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
         module._register_load_state_dict_pre_hook(load_pre_hook)
 
 
+_BETWEEN_STEPS = (TrainingState.IDLE, TrainingState.POST_BACKWARD)
+
+
+def _reshard_if_idle(unit: ShardedUnit) -> None:
+    """Before a state dict is taken: a unit kept gathered between steps is resharded, so what is then loaded
+    into the pieces (``dcp.load`` fills them in place) is what its next forward gathers."""
+    if unit.state is not ShardState.SHARDED and unit.training_state in _BETWEEN_STEPS:
+        unit.reshard()
+
+
+def to_sharded(units: list[ShardedUnit]) -> None:
+    """Reshard units kept gathered between steps (``named_parameters()`` then shows the pieces the optimizer
+    holds); a unit inside a step raises."""
+    for unit in units:
+        _to_sharded_for_load(unit)
+
+
 def _to_sharded_for_load(unit: ShardedUnit) -> None:
-    """Loading writes the sharded pieces: a unit kept gathered between steps is resharded first (its next
-    forward gathers the loaded values); a unit inside a step cannot be."""
-    if unit.state is ShardState.SHARDED:
-        return
-    if unit.training_state not in (TrainingState.IDLE, TrainingState.POST_BACKWARD):
+    """Loading writes the sharded pieces: resharded first, which a unit inside a step cannot be."""
+    if unit.state is not ShardState.SHARDED and unit.training_state not in _BETWEEN_STEPS:
         raise RuntimeError(f"unit {unit.name!r} is inside forward or backward; load a state dict between steps")
-    unit.reshard()
+    _reshard_if_idle(unit)
 
 
 def _local_piece(key: str, value: object, p: ManagedParam, error_msgs: list[str]) -> torch.Tensor | None:
