@@ -16,6 +16,7 @@ Each (round, system) runs in fresh processes; rounds rotate the order of systems
   loaded == saved  after load, one parameter and its AdamW exp_avg equal (bitwise, local pieces) what was saved
 
     python benchmarks/checkpoint.py [--rounds 3] [--world 2] [--systems scalestack,fsdp2] [--small] [--dir D]
+                                    [--no-verify]  (scalestack loads without its CRC-32 check of every file)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ CFGS = {
     "small": GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64),
 }
 LOCAL_BATCH = 4
+NO_VERIFY = os.environ.get("SCALESTACK_BENCH_NO_VERIFY") == "1"  # set by --no-verify, inherited by workers
 MIB = 2**20
 COLUMNS = ("save s", "load s", "MiB written", "save peak MiB", "save peak % of RSS", "train peak MiB")
 PROBE = "layers.0.mlp.c_fc.weight"  # the parameter compared after load
@@ -123,7 +125,7 @@ def worker(rank: int, world: int, port: int, system: str, cfg: GPTConfig, path: 
 
     def load():
         if system == "scalestack":
-            ssc.load(path, model, opt)
+            ssc.load(path, model, opt, verify=not NO_VERIFY)
         else:
             msd, osd = get_state_dict(model, opt)
             state = {"model": msd, "optim": osd}
@@ -158,7 +160,10 @@ def main() -> None:
     ap.add_argument("--systems", default="scalestack,fsdp2")
     ap.add_argument("--small", action="store_true", help="a tiny model, for a smoke test")
     ap.add_argument("--dir", help="where checkpoints are written (default: a temporary directory)")
+    ap.add_argument("--no-verify", action="store_true", help="scalestack loads without checking CRC-32s")
     args = ap.parse_args()
+    if args.no_verify:
+        os.environ["SCALESTACK_BENCH_NO_VERIFY"] = "1"
     systems, cfg = args.systems.split(","), CFGS["small" if args.small else "full"]
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by workers: freed tensors leave RSS
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))

@@ -570,6 +570,8 @@ def test_paths_that_are_not_checkpoints_and_damaged_files_are_named(tmp_path):
     data_file = next(n for n in os.listdir(tmp_path / "run" / "ok") if n.endswith(".distcp"))
     assert "truncated" in damage(data_file, truncate)
     assert "CRC-32" in damage(data_file, flip)
+    copy = tmp_path / f"damaged_{data_file}_flip"
+    checkpoint.load(copy, model, opt, verify=False)  # sizes only: DCP itself loads a flipped byte silently
     assert "missing" in damage(data_file, remove)
     assert "CRC-32" in damage(".metadata", flip)
     assert "damaged" in damage("scalestack.json", truncate)

@@ -4,6 +4,7 @@ Shaped like PyTorch FSDP2: ``from scalestack import fully_shard, MixedPrecisionP
 one-line switch.
 """
 
+from . import checkpoint
 from .fsdp import (
     FSDPModule,
     MixedPrecisionPolicy,
@@ -35,6 +36,7 @@ __all__ = [
     "ShardedGradScaler",
     "Traffic",
     "UnshardHandle",
+    "checkpoint",
     "clip_grad_norm_",
     "full_state_dict",
     "fully_shard",

@@ -28,21 +28,23 @@ from .save import _agree, _check_arguments, _dcp_call, _rank_world, wait_pending
 
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimizers = None, strict: bool = True, *,
-         scheduler: Any = None, process_group: dist.ProcessGroup | None = None) -> Any:  # fmt: skip
+         scheduler: Any = None, process_group: dist.ProcessGroup | None = None,
+         verify: bool = True) -> Any:  # fmt: skip
     """Load the checkpoint at ``path`` (or the newest complete one in the directory ``path``) into ``model``
     and, when given, ``optimizer`` (one or a list, as saved) and ``scheduler``; return the ``extra`` this
     rank saved (rank 0's when this rank did not exist at save time), or None.
 
     A collective: every rank of the model's process group calls it. ``strict=False`` skips, and reports in a
-    warning, tensors missing on either side or with another shape, instead of raising.
+    warning, tensors missing on either side or with another shape, instead of raising. ``verify=False`` checks
+    the files' sizes but not their CRC-32s (which reads every byte once more).
     """
     _check_arguments(path, model, optimizer, None, False)
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {strict!r}")
+    if not isinstance(strict, bool) or not isinstance(verify, bool):
+        raise TypeError(f"strict and verify must be bools, got {strict!r} and {verify!r}")
     wait_pending()
     group = contents.process_group_of(model, process_group)
     rank, world = _rank_world(group)
-    ckpt, metadata = _open(Path(path).absolute(), rank, world, group)
+    ckpt, metadata = _open(Path(path).absolute(), rank, world, group, verify)
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
     other_kind = _other_kinds(ckpt, opts, strict)
@@ -116,7 +118,7 @@ def _get(nested: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None):
+def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None, verify: bool):
     """The checkpoint (rank 0 resolves "the newest": every rank must load the same one) and its DCP metadata,
     its files verified (each rank a share); any rank's error is raised on every rank."""
     choice: object = None
@@ -131,7 +133,7 @@ def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None):
     error, ckpt, metadata = None, None, None
     try:
         ckpt = directory.read(Path(choice))
-        directory.verify(ckpt, sorted(ckpt.files)[rank::world])
+        directory.verify(ckpt, sorted(ckpt.files)[rank::world], sums=verify)
         metadata = dcp.FileSystemReader(ckpt.path).read_metadata()
     except directory.CheckpointError as e:
         error = str(e)
