@@ -52,14 +52,12 @@ def _global(value: Any, p: torch.Tensor, key: str, name: str, block: int | None)
         return value
     if block is not None:
         return PieceTensor(value, shard_info(p), block)
-    if value.shape == p.shape:
-        if not value.is_contiguous():
-            value = value.contiguous()
+    if value.shape == p.shape and value.is_contiguous():  # a copy would not be loaded into: no copies
         return PieceTensor(value, shard_info(p))
     raise ValueError(
         f"optimizer state {key!r} of parameter {name!r} has shape {list(value.shape)}, neither its piece's "
-        f"{list(p.shape)} nor a scalar, so it cannot be resharded; declare per-block states in the optimizer's "
-        "block_state_keys"
+        f"{list(p.shape)} (contiguous) nor a scalar, so it cannot be resharded; declare per-block states in the "
+        "optimizer's block_state_keys"
     )
 
 
