@@ -303,11 +303,13 @@ def piece_case(rank, world, group):
         out["other_layout"] = "no error"
     except RuntimeError as e:
         out["other_layout"] = str(e)
-    try:  # assign=True on a submodule would detach its pieces from the shard
-        fresh.blocks[0].load_state_dict(fresh.blocks[0].state_dict(), assign=True)
-        out["assign"] = "no error"
-    except RuntimeError as e:
-        out["assign"] = str(e)
+    out["assign"] = []
+    for module in (fresh.blocks[0], fresh.blocks[0].qkv):  # a unit, and a plain module inside one
+        try:  # assign=True would detach the pieces from the shard
+            module.load_state_dict(module.state_dict(), assign=True)
+            out["assign"].append("no error")
+        except (RuntimeError, ValueError) as e:
+            out["assign"].append(str(e))
     return out
 
 
@@ -318,7 +320,7 @@ def test_state_dict_values_are_pieces_of_the_global_tensors(pool):
         assert "global_shape=[3, 40, 24]" in out["repr"]
         assert out["full_equal"] and out["full_loaded"]
         assert "to_local()" in out["compute"]
-        assert "assign=False" in out["assign"]
+        assert all("assign=False" in message for message in out["assign"])
     assert any("sharded differently" in out["other_layout"] for out in outs)  # ranks whose pieces differ
 
 
@@ -334,10 +336,16 @@ def gathered_case(rank, world, group, path):
     kept.set_reshard_after_backward(False)
     kept_opt, _ = make_optimizers(kept, "adamw")
     train_step(kept, kept_opt, None, 0, rank, world, group)  # its units stay gathered
+    if rank == 0:  # a state dict taken on one rank changes nothing the next collectives depend on
+        kept.state_dict()
+        checkpoint.optimizer_state_dict(kept, kept_opt)
+    train_step(kept, kept_opt, None, 1, rank, world, group)
     stock = build(group, "element", seed=2)
     stock.unshard()
     checkpoint.load(path, kept, kept_opt)
-    dcp.load({"model": stock.state_dict()}, checkpoint_id=path, process_group=group)  # stock, in place
+    sd = {"model": stock.state_dict()}
+    dcp.load(sd, checkpoint_id=path, process_group=group)  # the stock flow: dcp.load, then load_state_dict
+    stock.load_state_dict(sd["model"])
     return expected, kept(x, y).item(), stock(x, y).item()
 
 
@@ -648,17 +656,25 @@ def test_saves_never_replace_what_is_not_a_checkpoint_and_prune_only_their_serie
     with pytest.raises(checkpoint.CheckpointError, match="is not a scalestack checkpoint"):
         checkpoint.save(tmp_path / "project", model)
     assert (tmp_path / "project" / "train.py").exists()
+    (tmp_path / "made_in_advance").mkdir()  # an empty directory is a free target
+    checkpoint.save(tmp_path / "made_in_advance", model)
+    checkpoint.load(tmp_path / "made_in_advance", model)
     run = tmp_path / "run"
     checkpoint.save(run / "best", model)
     for step in (1, 2, 3):
         checkpoint.save(run / f"step_{step}", model, keep_last=2)
     assert sorted(os.listdir(run)) == ["best", "step_2", "step_3"]
+    for epoch, step in ((1, 100), (2, 200), (3, 300)):  # numbers anywhere in the name make the series
+        checkpoint.save(run / f"epoch{epoch}-step{step}", model, keep_last=1)
+    assert sorted(os.listdir(run)) == ["best", "epoch3-step300", "step_2", "step_3"]
+    for name in ("epoch3-step300", "best"):
+        checkpoint.save(run / name, model)  # replaced: the same name again
     with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints"):
         checkpoint.save(run, model)  # the directory of checkpoints itself
     (run / ".step_1.deleting-0").mkdir()  # left by a crash mid-prune
     (run / ".step_1.deleting-0" / "x").write_text("x")
     checkpoint.save(run / "step_4", model, keep_last=2)
-    assert sorted(os.listdir(run)) == ["best", "step_3", "step_4"]
+    assert sorted(os.listdir(run)) == ["best", "epoch3-step300", "step_3", "step_4"]
     # a crash between moving the old copy aside and renaming the new one: the old copy is still found
     os.rename(run / "step_4", run / ".step_4.replaced")
     checkpoint.load(run / "step_4", model)
@@ -672,6 +688,17 @@ class Counting(torch.optim.SGD):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["count"] = self.state[p].get("count", 0) + 1
+
+
+def test_an_optimizer_without_state_loads(tmp_path):
+    model = build(None, None, seed=0)
+    opt, _ = make_optimizers(model, "sgd_plain")
+    train_step(model, opt, None, 0, 0, 1, None)
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    fresh = build(None, None, seed=1)
+    fresh_opt, _ = make_optimizers(fresh, "sgd_plain")
+    checkpoint.load(tmp_path / "ckpt", fresh, fresh_opt)
+    assert not fresh_opt.state and torch.equal(fresh.blocks[0].experts, model.blocks[0].experts)
 
 
 def test_non_tensor_optimizer_state_and_the_optimizer_class_round_trip(tmp_path):

@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..fsdp.api import units
-from ..fsdp.state_dict_hooks import to_sharded
 from .optimizer_state import optimizer_state_dict
 
 MODEL, OPTIMIZER, SCHEDULER, EXTRA = "model", "optimizer", "scheduler", "extra"
@@ -65,7 +64,6 @@ def optimizers(optimizer: Optimizers) -> list[tuple[str, torch.optim.Optimizer]]
 def build(model: nn.Module, optimizer: Optimizers, scheduler: Any, extra: bytes | None,
           extra_rank: int) -> dict[str, Any]:  # fmt: skip
     """The nested state dict; its tensors are the model's and optimizer's own (views, no copies)."""
-    to_sharded(units(model))  # the model shows the pieces its optimizer holds
     sd: dict[str, Any] = {MODEL: model.state_dict()}
     for prefix, opt in optimizers(optimizer):
         osd = optimizer_state_dict(model, opt)

@@ -8,18 +8,19 @@ moves the old one aside (``.NAME.replaced``, still complete and still found by `
 rename and deletes it after.
 
 ``resolve`` picks, among the visible complete checkpoints of a directory, the one saved last;
-``prune`` keeps the newest ``keep_last`` of a series (names that differ only in trailing digits).
+``prune`` keeps the newest ``keep_last`` of a series (names that differ only in their numbers).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,6 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     path: Path
     saved_at_ns: int
-    world_size: int
     files: dict[str, tuple[int, int]]  # name -> (size in bytes, CRC-32)
     optimizers: dict[str, str]  # key prefix -> the optimizer's class
 
@@ -66,18 +66,29 @@ def _fsync(path: Path) -> None:
 def file_sums(directory: Path, names: list[str]) -> dict[str, tuple[int, int]]:
     """Size and CRC-32 of each file, while another thread makes them durable: DCP writes them without
     fsync, so the disk flushes while the CPU sums (both must finish before the checkpoint is published)."""
-    with ThreadPoolExecutor(1) as flusher:
-        flushed = flusher.map(_fsync, [directory / n for n in names])
-        sums = {name: ((directory / name).stat().st_size, crc32_of(directory / name)) for name in names}
-        list(flushed)
+    failed: list[BaseException] = []
+
+    def flush() -> None:  # a plain thread: an executor refuses work while the interpreter exits
+        try:
+            for n in names:
+                _fsync(directory / n)
+        except BaseException as e:  # noqa: BLE001 -- raised in the caller below
+            failed.append(e)
+
+    flusher = threading.Thread(target=flush, name="scalestack-fsync")
+    flusher.start()
+    sums = {name: ((directory / name).stat().st_size, crc32_of(directory / name)) for name in names}
+    flusher.join()
+    if failed:
+        raise failed[0]
     return sums
 
 
 def check_target(final: Path) -> None:
     """``final`` may be written: it does not exist, or it is a complete checkpoint (which it replaces). Any
     other directory or file is the user's: never replaced."""
-    if not final.exists():
-        return
+    if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+        return  # free, or an empty directory made in advance (mkdtemp, a launcher's output directory)
     try:
         read(final)
     except CheckpointError:
@@ -105,6 +116,8 @@ def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int,
         os.fsync(f.fileno())
     _fsync(tmp)
     replaced = final.parent / f".{final.name}.replaced"
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
     if final.exists():
         check_target(final)  # checked before the save too: this guards a directory made since
         if replaced.exists():
@@ -144,7 +157,7 @@ def read(path: Path) -> Checkpoint:
             )
         files = {n: (int(v["bytes"]), int(v["crc32"])) for n, v in meta["files"].items()}
         optimizers = {str(k): str(v) for k, v in meta.get("optimizers", {}).items()}
-        return Checkpoint(path, int(meta["saved_at_ns"]), int(meta["world_size"]), files, optimizers)
+        return Checkpoint(path, int(meta["saved_at_ns"]), files, optimizers)
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -195,13 +208,14 @@ def resolve(path: Path) -> Checkpoint:
 
 
 def series(name: str) -> str:
-    """The series a checkpoint name belongs to: the name without its trailing digits (step_100 -> step_)."""
-    return name.rstrip("0123456789")
+    """The series a checkpoint name belongs to: the name with every number replaced (epoch1-step100 and
+    epoch3-step400 are one series; best is another)."""
+    return re.sub(r"\d+", "#", name)
 
 
 def prune(directory: Path, keep_last: int, keep: Path) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints of ``keep``'s series under ``directory``
-    (names equal to ``keep``'s but for trailing digits: step_100, step_200; never ``keep`` itself, never
+    (names equal to ``keep``'s but for their numbers: step_100, step_200; never ``keep`` itself, never
     another series such as "best"). Each goes out of sight by a rename before it is deleted, so a crash
     mid-delete leaves no damaged visible checkpoint; leftovers of such crashes are deleted here too."""
     for trash in directory.glob(".*.deleting-*"):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..fsdp import collectives as comm
 from ..fsdp.api import units
-from ..fsdp.state_dict_hooks import to_sharded
+from ..fsdp.state_dict_hooks import reshard_for_load
 from . import contents, directory
 from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, names_in, param_names
 from .save import _agree, _check_arguments, _dcp_call, _rank_world, wait_pending
@@ -48,7 +48,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
     other_kind = _other_kinds(ckpt, opts, strict)
-    to_sharded(units(model))  # parameter names as the optimizer sees them: the pieces
+    reshard_for_load(units(model))  # every rank: the loaded pieces reach the next forward
     names = param_names(model)
     for _, opt in opts:
         names_in(opt, names)  # before init_optimizer_state steps it: every parameter is the model's
@@ -127,6 +127,8 @@ def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None, ve
             choice = str(directory.resolve(path).path)
         except directory.CheckpointError as e:
             choice = e
+        except OSError as e:  # sent as an error, so no rank waits for a broadcast that never comes
+            choice = directory.CheckpointError(f"cannot read {path}: {e}")
     choice = comm.broadcast_object(choice, group)
     if isinstance(choice, Exception):
         raise choice

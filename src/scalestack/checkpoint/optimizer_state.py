@@ -21,13 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..fsdp.api import units
 from ..fsdp.param import is_sharded, shard_info
 from ..fsdp.piece_tensor import PieceTensor
 
 
 def param_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its name in ``model`` (the first name of a tied parameter)."""
-    return {id(p): name for name, p in model.named_parameters()}
+    """id(parameter) -> its name in ``model`` (the first name of a tied parameter). A unit kept gathered shows
+    its full tensors, while the optimizer holds the pieces: both are named."""
+    names = {id(p): name for name, p in reversed(list(model.named_parameters()))}
+    for unit in units(model):
+        for mp in unit.params:
+            for t in (mp.sharded, mp.unsharded):
+                if id(t) in names:
+                    names[id(mp.sharded)] = names[id(mp.unsharded)] = names[id(t)]
+    return names
 
 
 def names_in(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
@@ -137,7 +145,7 @@ def apply_loaded(optimizer: torch.optim.Optimizer, model: nn.Module, saved_group
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) in created and names[id(p)] not in loaded_names:
-                del optimizer.state[p]
+                optimizer.state.pop(p, None)
     for group, saved in zip(optimizer.param_groups, saved_groups or []):
         for key, value in saved.items():
             if key != "params":

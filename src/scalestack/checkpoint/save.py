@@ -15,7 +15,6 @@ publishes it when every rank is done; ``save`` returns an ``AsyncSave`` at once.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import os
 import shutil
@@ -80,17 +79,17 @@ def wait_pending() -> None:
 
 
 def _wait_at_exit() -> None:
-    if _pending is None or _pending.done():
+    pending = _pending
+    if pending is None:
         return
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):  # going down: the save stays invisible, never half-visible
-            _pending.wait()
-            return
-    warnings.warn(
-        f"the asynchronous save to {_pending.path} did not finish before exit and stays invisible; call .wait() "
-        "on what save() returned before torch.distributed.destroy_process_group()",
-        stacklevel=1,
-    )
+    try:  # a single process needs no collective; with a process group it must still be alive
+        pending.wait()
+    except Exception as e:  # noqa: BLE001 -- going down: say so; the save stays invisible, never half-visible
+        warnings.warn(
+            f"the asynchronous save to {pending.path} did not finish before exit ({e}) and stays invisible; call "
+            ".wait() on what save() returned before torch.distributed.destroy_process_group()",
+            stacklevel=1,
+        )
 
 
 atexit.register(_wait_at_exit)

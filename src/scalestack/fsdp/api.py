@@ -22,6 +22,7 @@ from ..planner.search import Plan
 from .init import build_unit
 from .mixed_precision import MixedPrecisionPolicy
 from .state import STATE_ATTR, FSDPState, state_of
+from .state_dict_hooks import ASSIGN_REFUSED
 from .unit import ShardedUnit, ShardState
 
 _NO_MIXED_PRECISION = MixedPrecisionPolicy()
@@ -118,6 +119,12 @@ class FSDPModule:
                     "(training would update tensors that are never gathered); apply it before fully_shard"
                 )
         return out
+
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        if assign:  # refused before anything is assigned (the hooks refuse it for submodules too)
+            raise ValueError(ASSIGN_REFUSED.format(where=type(self).__bases__[-1].__name__))
+        return super().load_state_dict(state_dict, strict=strict)
 
 
 def _units_under(module: nn.Module, recurse: bool) -> list[ShardedUnit]:

@@ -13,7 +13,8 @@ import torch.nn as nn
 from . import collectives as comm
 from .api import units
 from .param import ManagedParam
-from .unit import ShardedUnit, ShardState
+from .state_dict_hooks import reshard_for_load
+from .unit import ShardedUnit
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[ShardedUnit, ManagedParam]]:
@@ -48,9 +49,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """Copy each rank's pieces out of full tensors (no communication: every rank holds ``state_dict``)."""
-    for unit in units(model):
-        if unit.state is not ShardState.SHARDED:
-            raise RuntimeError(f"unit {unit.name} is unsharded; call load_full_state_dict between steps")
+    reshard_for_load(units(model))
     owners = _owners(model)
     expected = model.state_dict(keep_vars=True)
     if strict:

@@ -3,12 +3,13 @@
 ``state_dict()`` returns each sharded parameter as a ``PieceTensor`` (global shape, this rank's piece as a
 view of the shard: no gather, no copy), whatever the module shows at the moment (FSDP2 shows its sharded
 DTensors the same way); ``torch.distributed.checkpoint`` saves it as this rank's chunks of the global tensor.
-``state_dict(keep_vars=True)`` still returns the registered parameter objects. Taking a state dict reshards a
-unit kept gathered between steps, so values loaded in place reach its next forward.
+``state_dict(keep_vars=True)`` still returns the registered parameter objects.
 
 ``load_state_dict()`` takes, for a sharded parameter: a ``PieceTensor`` of the same piece (what ``dcp.load``
 filled in place), the full tensor (this rank's piece is copied out of it), or the plain piece that a
-per-rank ``torch.save`` of ``state_dict()`` stored. A piece of another layout is refused with the fix.
+per-rank ``torch.save`` of ``state_dict()`` stored. A piece of another layout is refused with the fix. A unit
+kept gathered between steps is resharded first, so the values loaded (by ``dcp.load`` before, or here)
+reach its next forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from .param import ManagedParam, shard_info
 from .piece_tensor import PieceTensor
 from .unit import ShardedUnit, ShardState, TrainingState
 
+ASSIGN_REFUSED = (
+    "load_state_dict(assign=True) would replace the sharded parameters under {where} and detach them from their "
+    "shards; load with assign=False (the default), which copies in place"
+)
+
 
 def register_state_dict_hooks(unit: ShardedUnit) -> None:
     by_module: dict[nn.Module, list[tuple[str, ManagedParam]]] = {}
@@ -27,7 +33,6 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
         for module, attr in p.uses:
             by_module.setdefault(module, []).append((attr, p))
     for module, entries in by_module.items():
-        module.register_state_dict_pre_hook(lambda m, prefix, keep_vars: _reshard_if_idle(unit))
 
         def save_hook(m: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, entries=entries) -> None:
             for attr, p in entries:
@@ -40,14 +45,8 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
         def load_pre_hook(state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list,
                           unexpected_keys: list, error_msgs: list, entries=entries) -> None:  # fmt: skip
             if local_metadata.get("assign_to_params_buffers"):
-                error_msgs.append(
-                    f"load_state_dict(assign=True) would replace the sharded parameters under {prefix or 'the root'!r} "
-                    "and detach them from their shards; load with assign=False (the default), which copies in place"
-                )
-                for attr, _ in entries:  # so that nothing is assigned
-                    state_dict.pop(prefix + attr, None)
-                return
-            _to_sharded_for_load(unit)
+                raise RuntimeError(ASSIGN_REFUSED.format(where=prefix.rstrip(".") or "the root"))
+            reshard_for_load([unit])
             for attr, p in entries:
                 key = prefix + attr
                 if key in state_dict:
@@ -59,28 +58,16 @@ def register_state_dict_hooks(unit: ShardedUnit) -> None:
         module._register_load_state_dict_pre_hook(load_pre_hook)
 
 
-_BETWEEN_STEPS = (TrainingState.IDLE, TrainingState.POST_BACKWARD)
-
-
-def _reshard_if_idle(unit: ShardedUnit) -> None:
-    """Before a state dict is taken: a unit kept gathered between steps is resharded, so what is then loaded
-    into the pieces (``dcp.load`` fills them in place) is what its next forward gathers."""
-    if unit.state is not ShardState.SHARDED and unit.training_state in _BETWEEN_STEPS:
-        unit.reshard()
-
-
-def to_sharded(units: list[ShardedUnit]) -> None:
-    """Reshard units kept gathered between steps (``named_parameters()`` then shows the pieces the optimizer
-    holds); a unit inside a step raises."""
+def reshard_for_load(units: list[ShardedUnit]) -> None:
+    """Loading writes the sharded pieces: a unit kept gathered between steps is resharded first, so its next
+    forward gathers the loaded values; a unit inside forward or backward refuses. Every rank loads, so every
+    rank reshards the same units (a state dict taken on one rank must not: its next collectives would differ)."""
     for unit in units:
-        _to_sharded_for_load(unit)
-
-
-def _to_sharded_for_load(unit: ShardedUnit) -> None:
-    """Loading writes the sharded pieces: resharded first, which a unit inside a step cannot be."""
-    if unit.state is not ShardState.SHARDED and unit.training_state not in _BETWEEN_STEPS:
-        raise RuntimeError(f"unit {unit.name!r} is inside forward or backward; load a state dict between steps")
-    _reshard_if_idle(unit)
+        if unit.state is ShardState.SHARDED:
+            continue
+        if unit.training_state not in (TrainingState.IDLE, TrainingState.POST_BACKWARD):
+            raise RuntimeError(f"unit {unit.name!r} is inside forward or backward; load a state dict between steps")
+        unit.reshard()
 
 
 def _local_piece(key: str, value: object, p: ManagedParam, error_msgs: list[str]) -> torch.Tensor | None:
