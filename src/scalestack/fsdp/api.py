@@ -120,7 +120,6 @@ class FSDPModule:
                 )
         return out
 
-
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         if assign:  # refused before anything is assigned (the hooks refuse it for submodules too)
             raise ValueError(ASSIGN_REFUSED.format(where=type(self).__bases__[-1].__name__))
