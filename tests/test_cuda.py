@@ -1,6 +1,7 @@
 """CUDA/NCCL paths that CPU cannot exercise: freed storage under the caching allocator, bf16 alignment of
-compute views, a frozen parameter read in backward (an illegal address instead of a segfault on GPU), and
-training against an unsharded reference. Skipped without a GPU; ``make gpu-check`` runs them."""
+compute views, a frozen parameter read in backward (an illegal address instead of a segfault on GPU),
+training against an unsharded reference, and a checkpoint saved from GPUs that loads on GPUs (another
+granularity) and into the unsharded model on the CPU. Skipped without a GPU; ``make gpu-check`` runs them."""
 
 from __future__ import annotations
 
@@ -60,14 +61,50 @@ def _worker(rank: int, world: int, port: int, case: str, results) -> None:
         dist.destroy_process_group()
 
 
-def _run(case: str) -> list[dict]:
+def _checkpoint_worker(rank: int, world: int, port: int, path: str, results) -> None:
+    import test_checkpoint as kit
+
+    from scalestack import checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    device = torch.device("cuda", rank)
+    try:
+        group = dist.group.WORLD
+        torch.manual_seed(0)
+        model = kit.Net().to(device)
+        for block in model.blocks:
+            kit.ss.fully_shard(block, mesh=group)
+        kit.ss.fully_shard(model, mesh=group)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x, y = (t.to(device) for t in kit.batch(0))
+        model(x, y).backward()
+        opt.step()
+        checkpoint.save(path, model, opt, extra={"rank": rank})
+        saved = {k: v.full_tensor().cpu() for k, v in model.state_dict().items() if hasattr(v, "full_tensor")}
+        torch.manual_seed(1)
+        fresh = kit.Net().to(device)
+        for block in fresh.blocks:
+            kit.ss.fully_shard(block, mesh=group, granularity="row")
+        kit.ss.fully_shard(fresh, mesh=group, granularity="row")
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        extra = checkpoint.load(path, fresh, fresh_opt)
+        loaded = {k: v.full_tensor().cpu() for k, v in fresh.state_dict().items() if hasattr(v, "full_tensor")}
+        same = saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+        results.put((rank, {"same": same, "extra": extra, "saved": saved if rank == 0 else None}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(case: str, worker=_worker) -> list[dict]:
     from dist_pool import free_port
 
     world = torch.cuda.device_count()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, results)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, case, results)) for r in range(world)]
     for p in procs:
         p.start()
     out = dict(results.get(timeout=240) for _ in range(world))
@@ -84,3 +121,17 @@ def test_trains_like_the_reference_on_gpus(case):
         for loss, ref_loss in r["losses"]:
             assert abs(loss - ref_loss) <= tolerance * abs(ref_loss), r["losses"]
         assert r["misaligned"] == [] and r["freed"]
+
+
+def test_a_checkpoint_from_gpus_loads_on_gpus_and_unsharded(tmp_path):
+    import test_checkpoint as kit
+
+    from scalestack import checkpoint
+
+    path = str(tmp_path / "ckpt")
+    out = _run(path, _checkpoint_worker)
+    assert all(r["same"] for r in out) and [r["extra"] for r in out] == [{"rank": r} for r in range(len(out))]
+    plain = kit.build(None, None, seed=2)  # on the CPU, no fully_shard
+    checkpoint.load(path, plain)
+    state = plain.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in out[0]["saved"].items())
