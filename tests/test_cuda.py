@@ -21,16 +21,21 @@ pytestmark = [
 ]
 
 
+def _join(rank: int, world: int, port: int) -> torch.device:
+    """Join the NCCL group on the loopback port; this rank's GPU."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    return torch.device("cuda", rank)
+
+
 def _worker(rank: int, world: int, port: int, case: str, results) -> None:
     import test_parity as kit
 
     import scalestack as ss
     from scalestack.fsdp.api import units
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    device = torch.device("cuda", rank)
+    device = _join(rank, world, port)
     try:
         torch.manual_seed(0)
         ref = kit.Net("scale").to(device)  # a frozen scale read in backward
@@ -66,10 +71,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, path: str, results) -> 
 
     from scalestack import checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    device = torch.device("cuda", rank)
+    device = _join(rank, world, port)
     try:
         group = dist.group.WORLD
         torch.manual_seed(0)
