@@ -194,7 +194,8 @@ def save_case(rank, world, group, path, kind, stock):
 
 
 def load_case(rank, world, group, path, kind, stock):
-    model = build(group, GRANULARITY[kind][1], seed=1)  # other initial values: the load must replace them all
+    """Load into a model of other initial values (group None: the plain model, no fully_shard), train on."""
+    model = build(group, GRANULARITY[kind][1], seed=1)
     opts, scheduler = make_optimizers(model, kind)
     if stock:
         sd = model.state_dict()
@@ -210,18 +211,7 @@ def load_case(rank, world, group, path, kind, stock):
 
 def load_unsharded(path, kind, stock):
     """W = 1 without fully_shard or a process group, in the test process itself."""
-    model = build(None, None, seed=1)
-    opts, scheduler = make_optimizers(model, kind)
-    if stock:
-        sd = model.state_dict()
-        dcp.load(sd, checkpoint_id=path, no_dist=True)
-        model.load_state_dict(sd, strict=True)
-        extra = None
-    else:
-        extra = checkpoint.load(path, model, opts, scheduler=scheduler)
-    loaded = snapshot(model, opts, None)
-    losses = [train_step(model, opts, scheduler, step, 0, 1, None) for step in range(2, 7)]
-    return loaded, losses, extra
+    return load_case(0, 1, None, path, kind, stock)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "adamw8bit", "muon"])

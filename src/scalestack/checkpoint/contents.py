@@ -17,10 +17,8 @@ import pickle
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from ..fsdp.api import units
 from .optimizer_state import optimizer_state_dict
 
 MODEL, OPTIMIZER, SCHEDULER, EXTRA = "model", "optimizer", "scheduler", "extra"
@@ -99,14 +97,3 @@ def nest(leaves: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     return out
-
-
-def process_group_of(model: nn.Module, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """The group the checkpoint is written by: the units' group, else the default group (None: one process
-    when torch.distributed is not initialized)."""
-    if process_group is not None:
-        return process_group
-    groups = list({id(u.group): u.group for u in units(model)}.values())
-    if len(groups) > 1:
-        raise ValueError("the model's units use different process groups; pass process_group= (all ranks that save)")
-    return groups[0] if groups else None

@@ -4,7 +4,7 @@ A checkpoint is a DCP directory plus ``scalestack.json``, written last, which li
 and CRC-32. It is written under a hidden temporary name (``.NAME.incomplete``) next to its final name and
 renamed to it once every rank has finished writing, so a crash at any point of a save leaves the previous
 checkpoints untouched and never leaves a visible half-written one. Replacing a checkpoint of the same name
-moves the old one aside (``.NAME.replaced``, still complete and still found by ``newest``) before the
+moves the old one aside (``.NAME.replaced``, still complete and still found by ``resolve``) before the
 rename and deletes it after.
 
 ``resolve`` picks, among the visible complete checkpoints of a directory, the one saved last;
@@ -44,6 +44,11 @@ class Checkpoint:
 
 def temporary_path(final: Path) -> Path:
     return final.parent / f".{final.name}.incomplete"
+
+
+def replaced_path(final: Path) -> Path:
+    """Where a checkpoint waits, complete, while a new one of its name takes its place."""
+    return final.parent / f".{final.name}.replaced"
 
 
 def crc32_of(path: Path) -> int:
@@ -115,7 +120,7 @@ def publish(tmp: Path, final: Path, world_size: int, files: dict[str, tuple[int,
         f.flush()
         os.fsync(f.fileno())
     _fsync(tmp)
-    replaced = final.parent / f".{final.name}.replaced"
+    replaced = replaced_path(final)
     if final.is_dir() and not any(final.iterdir()):
         final.rmdir()
     if final.exists():
@@ -133,7 +138,7 @@ def read(path: Path) -> Checkpoint:
     """The checkpoint at ``path``, with a clear error when it is not one (or not a complete one)."""
     marker = path / MARKER
     if not path.exists():
-        replaced = path.parent / f".{path.name}.replaced"
+        replaced = replaced_path(path)
         if (replaced / MARKER).exists():  # a crash while this checkpoint was being replaced: the old copy
             return read(replaced)
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
@@ -213,7 +218,7 @@ def series(name: str) -> str:
     return re.sub(r"\d+", "#", name)
 
 
-def prune(directory: Path, keep_last: int, keep: Path) -> list[Path]:
+def prune(directory: Path, keep_last: int, keep: Path) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints of ``keep``'s series under ``directory``
     (names equal to ``keep``'s but for their numbers: step_100, step_200; never ``keep`` itself, never
     another series such as "best"). Each goes out of sight by a rename before it is deleted, so a crash
@@ -227,4 +232,3 @@ def prune(directory: Path, keep_last: int, keep: Path) -> list[Path]:
         trash = p.parent / f".{p.name}.deleting-{uuid.uuid4().hex[:8]}"
         os.rename(p, trash)
         shutil.rmtree(trash)
-    return doomed

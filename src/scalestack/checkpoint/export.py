@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from . import contents, directory
-from .save import _dcp_call
+from .ranks import dcp_call
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")  # fmt: skip
@@ -38,7 +38,7 @@ def read_model_state(path: str | os.PathLike, dtype: torch.dtype | None = None) 
     }
     if not tensors:
         raise directory.CheckpointError(f"checkpoint {ckpt.path} holds no model tensors")
-    _dcp_call(dcp.load, {contents.MODEL: tensors}, storage_reader=dcp.FileSystemReader(ckpt.path), no_dist=True)
+    dcp_call(dcp.load, {contents.MODEL: tensors}, storage_reader=dcp.FileSystemReader(ckpt.path), group=None)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return tensors

@@ -22,9 +22,9 @@ import torch.nn as nn
 from ..fsdp import collectives as comm
 from ..fsdp.api import units
 from ..fsdp.state_dict_hooks import reshard_for_load
-from . import contents, directory
+from . import contents, directory, ranks
 from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, names_in, param_names
-from .save import _agree, _check_arguments, _dcp_call, _rank_world, wait_pending
+from .save import wait_pending
 
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimizers = None, strict: bool = True, *,
@@ -38,12 +38,12 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     warning, tensors missing on either side or with another shape, instead of raising. ``verify=False`` checks
     the files' sizes but not their CRC-32s (which reads every byte once more).
     """
-    _check_arguments(path, model, optimizer, None, False)
+    ranks.check_arguments(path, model, optimizer)
     if not isinstance(strict, bool) or not isinstance(verify, bool):
         raise TypeError(f"strict and verify must be bools, got {strict!r} and {verify!r}")
     wait_pending()
-    group = contents.process_group_of(model, process_group)
-    rank, world = _rank_world(group)
+    group = ranks.group_of(model, process_group)
+    rank, world = ranks.rank_world(group)
     ckpt, metadata = _open(Path(path).absolute(), rank, world, group, verify)
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
@@ -66,16 +66,16 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
         groups = {p: contents.unblob(g) if g is not None and p not in other_kind else None for p, g in groups.items()}
         for prefix, opt in opts:
             if groups[prefix] is not None:
-                check_groups(opt, model, groups[prefix])
+                check_groups(opt, names, groups[prefix])
         _read(contents.nest([(path, v) for path, v in flat.values() if torch.is_tensor(v)]), ckpt.path, group)
     except BaseException:
         for prefix, opt in opts:  # the state made only to load into goes again
-            apply_loaded(opt, model, None, set(), created[prefix])
+            apply_loaded(opt, names, None, set(), created[prefix])
         raise
     for prefix, opt in opts:
         state = f"{prefix}.state."
         loaded = {k[len(state) :].rsplit(".", 1)[0] for k in flat if k.startswith(state)}
-        apply_loaded(opt, model, groups[prefix], loaded, created[prefix])
+        apply_loaded(opt, names, groups[prefix], loaded, created[prefix])
         by_name = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
         for name, entry in (_get(small, f"{prefix}.state") or {}).items():  # non-tensor state (an int step)
             opt.state[by_name[name]].update(entry)
@@ -87,8 +87,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
 
 
 def _read(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None) -> None:
-    _dcp_call(dcp.load, state, storage_reader=dcp.FileSystemReader(path), process_group=group,
-              no_dist=group is None and not dist.is_initialized())  # fmt: skip
+    ranks.dcp_call(dcp.load, state, storage_reader=dcp.FileSystemReader(path), group=group)
 
 
 def _other_kinds(ckpt: directory.Checkpoint, opts: list, strict: bool) -> set[str]:
@@ -141,7 +140,7 @@ def _open(path: Path, rank: int, world: int, group: dist.ProcessGroup | None, ve
         error = str(e)
     except Exception as e:  # noqa: BLE001 -- a verified file that DCP cannot read
         error = f"checkpoint {choice}: its DCP metadata cannot be read ({e})"
-    _agree(error, group)
+    ranks.agree(error, group)
     return ckpt, metadata
 
 
@@ -163,11 +162,10 @@ def _match(flat: dict[str, tuple[tuple[str, ...], Any]], saved: dict[str, Any], 
             if ".".join(path[:-1]) not in made_to_load:
                 missing.append(key)
             continue
-        saved_size = getattr(saved[key], "size", None)
-        saved_size = list(saved_size) if saved_size is not None else None
-        if _size(value) != saved_size:
-            got = saved_size if saved_size is not None else "a non-tensor value"
-            want = _size(value) if _size(value) is not None else "a non-tensor value"
+        saved_size = getattr(saved[key], "size", None)  # None: a pickled value
+        saved_size, size = (list(saved_size) if saved_size is not None else None), _size(value)
+        if size != saved_size:
+            got, want = ("a non-tensor value" if s is None else s for s in (saved_size, size))
             mismatched.append(f"{key} (checkpoint {got}, model/optimizer {want})")
             continue
         keep[key] = (path, value)

@@ -120,9 +120,9 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
     return {id(p) for p in missing}
 
 
-def check_groups(optimizer: torch.optim.Optimizer, model: nn.Module, saved_groups: list[dict[str, Any]]) -> None:
-    """The saved param groups hold the same parameters, by name and order, as ``optimizer``'s."""
-    current = names_in(optimizer, param_names(model))
+def check_groups(optimizer: torch.optim.Optimizer, names: dict[int, str], saved_groups: list[dict[str, Any]]) -> None:
+    """The saved param groups hold the same parameters, by name (``param_names``) and order, as ``optimizer``'s."""
+    current = names_in(optimizer, names)
     if len(saved_groups) != len(current):
         raise ValueError(
             f"the checkpoint's optimizer has {len(saved_groups)} param groups and this one {len(current)}; build the "
@@ -137,11 +137,10 @@ def check_groups(optimizer: torch.optim.Optimizer, model: nn.Module, saved_group
             )
 
 
-def apply_loaded(optimizer: torch.optim.Optimizer, model: nn.Module, saved_groups: list[dict[str, Any]] | None,
+def apply_loaded(optimizer: torch.optim.Optimizer, names: dict[int, str], saved_groups: list[dict[str, Any]] | None,
                  loaded_names: set[str], created: set[int]) -> None:  # fmt: skip
     """After the tensors were loaded in place: the saved hyperparameters (``check_groups`` passed), and no
     state for the parameters that had none when saved (it was only made to load into)."""
-    names = param_names(model)
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) in created and names[id(p)] not in loaded_names:

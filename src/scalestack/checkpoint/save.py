@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from ..fsdp import collectives as comm
 from ..fsdp.piece_tensor import PieceTensor
-from . import contents, directory
+from . import contents, directory, ranks
 
 _pending: AsyncSave | None = None
 _async_groups: dict[int, dist.ProcessGroup] = {}
@@ -95,35 +95,6 @@ def _wait_at_exit() -> None:
 atexit.register(_wait_at_exit)
 
 
-def _check_arguments(path: Any, model: Any, optimizer: Any, keep_last: Any, async_save: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike naming the checkpoint directory, got {type(path).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    contents.optimizers(optimizer)  # checks the type
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last must be None (keep every checkpoint) or an int >= 1, got {keep_last!r}")
-    if not isinstance(async_save, bool):
-        raise TypeError(f"async_save must be a bool, got {async_save!r}")
-    final = Path(path).absolute()
-    if final.name.startswith("."):
-        raise ValueError(f"checkpoint names starting with '.' are reserved for saves in progress, got {final.name!r}")
-    return final
-
-
-def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if group is None and not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _agree(error: str | None, group: dist.ProcessGroup | None) -> None:
-    """Raise on every rank when any rank failed (so no rank goes on into a collective the others skip)."""
-    errors = [e for e in comm.all_gather_objects(error, group) if e]
-    if errors:
-        raise directory.CheckpointError(errors[0])
-
-
 def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimizers = None,
          extra: Any = None, keep_last: int | None = None, async_save: bool = False, *, scheduler: Any = None,
          process_group: dist.ProcessGroup | None = None) -> AsyncSave | None:  # fmt: skip
@@ -136,10 +107,14 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     all but the newest N complete checkpoints in ``path``'s parent directory once this one is complete.
     """
     global _pending
-    final = _check_arguments(path, model, optimizer, keep_last, async_save)
+    final = ranks.check_arguments(path, model, optimizer)
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be None (keep every checkpoint) or an int >= 1, got {keep_last!r}")
+    if not isinstance(async_save, bool):
+        raise TypeError(f"async_save must be a bool, got {async_save!r}")
     wait_pending()
-    group = contents.process_group_of(model, process_group)
-    rank, world = _rank_world(group)
+    group = ranks.group_of(model, process_group)
+    rank, world = ranks.rank_world(group)
     if async_save and group is not None and world != dist.get_world_size():
         raise ValueError(
             f"async_save=True writes from a background thread on a process group of its own, which every rank of "
@@ -158,29 +133,17 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
                 shutil.rmtree(tmp)
     except Exception as e:  # noqa: BLE001 -- every rank must learn of it before the collectives
         error = f"save to {final} failed on rank {rank}: {type(e).__name__}: {e}"
-    _agree(error, group)
+    ranks.agree(error, group)
     if not async_save:
-        _dcp_call(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), process_group=group,
-                  no_dist=group is None and not dist.is_initialized())  # fmt: skip
+        ranks.dcp_call(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), group=group)
         _publish(tmp, final, rank, world, group, keep_last, classes)
         return None
     background = _async_group(group)  # the background thread's collectives run on a group of their own
-    upload = _dcp_call(dcp.async_save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
-                       process_group=background, async_stager=_CopyToCPU(), no_dist=background is None)  # fmt: skip
+    upload = ranks.dcp_call(dcp.async_save, state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
+                            async_stager=_CopyToCPU(), group=background)  # fmt: skip
     finish = functools.partial(_publish, tmp, final, rank, world, background, keep_last, classes)
     _pending = AsyncSave(upload, finish, final)
     return _pending
-
-
-def _dcp_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    try:
-        with warnings.catch_warnings():  # one process by intent: DCP need not warn that it assumed so
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            return fn(*args, **kwargs)
-    except BaseException as e:  # DCP raises CheckpointException, a BaseException, with every rank's failure
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise directory.CheckpointError(f"torch.distributed.checkpoint failed: {e}") from e
 
 
 def _publish(tmp: Path, final: Path, rank: int, world: int, group: dist.ProcessGroup | None,
@@ -215,7 +178,7 @@ def _publish(tmp: Path, final: Path, rank: int, world: int, group: dist.ProcessG
 
 def _async_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """A gloo group of the same ranks for the background save (two threads must not share one group)."""
-    if group is None and not dist.is_initialized():
+    if comm.single_process(group):
         return None
     key = id(group)
     if key not in _async_groups:  # every rank of the job creates it: the group checked to span them all

@@ -160,10 +160,15 @@ def all_gather_blocking(output: torch.Tensor, shard: torch.Tensor, group: Proces
         _all_gather_single(output, shard, group=group)
 
 
+def single_process(group: ProcessGroup | None) -> bool:
+    """``group=None`` without an initialized process group: one process, no collectives."""
+    return group is None and not dist.is_initialized()
+
+
 def gather_objects(obj: object, group: ProcessGroup | None) -> list[object] | None:
     """Every rank's ``obj`` on rank 0 of ``group`` (None elsewhere), for bookkeeping (checkpoint file sums);
     ``group=None`` without an initialized process group means a single process."""
-    if group is None and not dist.is_initialized():
+    if single_process(group):
         return [obj]
     world = dist.get_world_size(group)
     out: list[object] | None = [None] * world if dist.get_rank(group) == 0 else None
@@ -173,7 +178,7 @@ def gather_objects(obj: object, group: ProcessGroup | None) -> list[object] | No
 
 def broadcast_object(obj: object, group: ProcessGroup | None) -> object:
     """Rank 0's ``obj`` on every rank of ``group`` (a barrier that also carries rank 0's outcome)."""
-    if group is None and not dist.is_initialized():
+    if single_process(group):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, group=group, group_src=0)
@@ -182,7 +187,7 @@ def broadcast_object(obj: object, group: ProcessGroup | None) -> object:
 
 def all_gather_objects(obj: object, group: ProcessGroup | None) -> list[object]:
     """Every rank's ``obj`` on every rank of ``group`` (bookkeeping: agreeing on an error)."""
-    if group is None and not dist.is_initialized():
+    if single_process(group):
         return [obj]
     out: list[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
