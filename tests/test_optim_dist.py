@@ -189,7 +189,7 @@ def collectives_case(rank, world, group, n_blocks):
     set_grads(model, global_grads(ref, 0))
     with comm.record_collectives() as log:
         opt.step()
-    return len(names) + 2 * n_blocks, [kind for kind, _ in log]  # matrices: experts count 3 each (2 + 3 per block)
+    return len(names) + 2 * n_blocks, [c.kind for c in log]  # matrices: experts count 3 each (2 + 3 per block)
 
 
 def test_muon_collectives_do_not_grow_with_matrices(pool):

@@ -510,7 +510,7 @@ def nested_ac_case(rank, world, group):
     with ss.record_collectives() as log:
         model(local(x, rank, world), local(y, rank, world), local(route, rank, world)).backward()
     ref(x, y, route).backward()
-    kinds = [k for k, _ in log]
+    kinds = [c.kind for c in log]
     # every unit reduces during backward, before the root's end-of-backward reduce (one per trained buffer)
     return _grad_errors(model, ref), kinds.count("all_gather"), kinds.count("reduce_scatter"), kinds[-2]
 
@@ -534,7 +534,7 @@ def eval_with_grad_case(rank, world, group):
             model(x, y, route)  # discarded: its graph is freed at once
         with ss.record_collectives() as log:
             model(x, y, route).backward()
-        logs.append([k for k, _ in log])
+        logs.append([c.kind for c in log])
         model.zero_grad()
     return logs
 

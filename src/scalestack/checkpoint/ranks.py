@@ -24,7 +24,7 @@ def group_of(model: nn.Module, process_group: dist.ProcessGroup | None) -> dist.
     """The units' group, else the default group (None: one process when torch.distributed is not set up)."""
     if process_group is not None:
         return process_group
-    groups = list({id(u.group): u.group for u in units(model)}.values())
+    groups = list({id(u.mesh_group): u.mesh_group for u in units(model)}.values())
     if len(groups) > 1:
         raise ValueError("the model's units use different process groups; pass process_group= (all ranks that save)")
     return groups[0] if groups else None

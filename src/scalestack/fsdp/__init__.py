@@ -2,6 +2,7 @@
 
 from .api import FSDPModule, UnshardHandle, fully_shard, layout, register_fsdp_forward_method
 from .collectives import Traffic, record_collectives, reset_traffic, traffic
+from .materialize import materialize
 from .mixed_precision import MixedPrecisionPolicy
 from .param import ShardInfo, shard_info
 from .state_dict import full_state_dict, load_full_state_dict
@@ -16,6 +17,7 @@ __all__ = [
     "fully_shard",
     "layout",
     "load_full_state_dict",
+    "materialize",
     "record_collectives",
     "register_fsdp_forward_method",
     "reset_traffic",

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..planner.granularity import GranularityRule, resolve_granularity
 from ..planner.search import Plan
 from .init import build_unit
+from .mesh import ShardGroups, post_forward_group, shard_groups
 from .mixed_precision import MixedPrecisionPolicy
 from .state import STATE_ATTR, FSDPState, state_of
 from .state_dict_hooks import ASSIGN_REFUSED
@@ -99,26 +100,32 @@ class FSDPModule:
         if ctx is not None:
             ctx.reset()
 
-    def _apply(self, fn: Callable, recurse: bool = True):  # .to(), .half(), .cuda(), ... (nn.Module._apply)
-        for unit in _units_under(self, True):
-            probe = torch.empty(0, dtype=unit.dtype, device=unit.device)
-            out = fn(probe)
-            if out.dtype != probe.dtype or out.device != probe.device:
+    def _apply(self, fn: Callable, recurse: bool = True):  # .to(), .half(), .cuda(), to_empty() (nn.Module._apply)
+        units = _units_under(self, True)
+        for unit in units:
+            if unit.on_meta:  # to_empty(device=...) gives real, uninitialized shards; .to() of meta data raises
+                out = fn(torch.empty(1, dtype=unit.dtype, device="meta"))
+                if out.device.type != "meta" and out.dtype == unit.dtype:
+                    unit.allocate(out.device)
+                    continue
+            else:
+                out = fn(torch.empty(0, dtype=unit.dtype, device=unit.device))
+            if out.dtype != unit.dtype or out.device != unit.device:
                 raise RuntimeError(
                     f"this module was sharded in {unit.dtype} on {unit.device}; changing the dtype or device of "
                     f"sharded parameters (to {out.dtype} on {out.device}) would detach them from their shards. Call "
                     ".to()/.half()/.cuda() before fully_shard, or use MixedPrecisionPolicy(param_dtype=...) "
                     "to compute in another dtype"
                 )
-        out = super()._apply(fn, recurse)
-        for unit in _units_under(self, True):  # a transform that kept dtype and device may still have re-bound
-            storages = {b.shard.untyped_storage().data_ptr() for b in unit.buffers}
-            if any(p.sharded.untyped_storage().data_ptr() not in storages for p in unit.params):
-                raise RuntimeError(
-                    f"{fn} replaced the sharded parameters of unit {unit.name!r}, detaching them from their shards "
-                    "(training would update tensors that are never gathered); apply it before fully_shard"
-                )
-        return out
+        # the units' parameters are not nn.Module's to convert: hidden (None keeps the registration order)
+        shown = [(m, attr, m._parameters[attr]) for u in units for p in u.params for m, attr in p.uses]
+        for m, attr, _ in shown:
+            m._parameters[attr] = None
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for m, attr, t in shown:
+                m._parameters[attr] = t
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         if assign:  # refused before anything is assigned (the hooks refuse it for submodules too)
@@ -138,27 +145,6 @@ def _prefetch_states(modules: list[FSDPModule], method: str) -> list[FSDPState]:
         if not isinstance(m, FSDPModule):
             raise ValueError(f"{method}: {type(m).__name__} was not passed to fully_shard, so it cannot be prefetched")
     return [state_of(m) for m in modules]
-
-
-def _group_of(mesh: DeviceMesh | ProcessGroup | None) -> ProcessGroup:
-    if mesh is None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "fully_shard needs an initialized process group: call "
-                "torch.distributed.init_process_group(backend) first (torchrun sets the environment), "
-                "or pass mesh=DeviceMesh/ProcessGroup"
-            )
-        return dist.group.WORLD
-    if isinstance(mesh, DeviceMesh):
-        if mesh.ndim != 1:
-            raise ValueError(
-                f"fully_shard takes a 1-D mesh, got a {mesh.ndim}-D mesh {tuple(mesh.shape)}; pass the "
-                "data-parallel dimension, e.g. mesh['dp'] (hybrid sharding over 2-D meshes is not supported yet)"
-            )
-        return mesh.get_group()
-    if isinstance(mesh, ProcessGroup):
-        return mesh
-    raise TypeError(f"mesh must be None, a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}")
 
 
 def _check_options(mp_policy: Any, shard_placement_fn: Any, offload_policy: Any, granularity: Any,
@@ -183,15 +169,19 @@ def _check_options(mp_policy: Any, shard_placement_fn: Any, offload_policy: Any,
         raise ValueError(f"max_buffers must be a positive int (1: one flat buffer per unit), got {max_buffers}")
 
 
-def _resolve_reshard(reshard_after_forward: Any, group: ProcessGroup) -> bool | None:
+def _resolve_reshard(reshard_after_forward: Any, groups: ShardGroups) -> tuple[bool | None, ProcessGroup | None]:
+    """(reshard fully after forward, the post-forward group when resharding to blocks of n ranks)."""
     if reshard_after_forward is None or isinstance(reshard_after_forward, bool):
-        return reshard_after_forward
-    world = dist.get_world_size(group)
-    if isinstance(reshard_after_forward, int) and reshard_after_forward in (1, world):
-        return reshard_after_forward == world  # 1: keep everything gathered; W: reshard fully
+        return reshard_after_forward, None
+    world = groups.shard_size
+    n = reshard_after_forward
+    if isinstance(n, int) and n in (1, world):
+        return n == world, None  # 1: keep everything gathered; W: reshard fully
+    if isinstance(n, int) and 1 < n < world and world % n == 0:
+        return True, post_forward_group(groups, n)
     raise ValueError(
-        f"reshard_after_forward must be None, a bool, 1 or the shard world size {world}, got "
-        f"{reshard_after_forward!r} (resharding to a smaller group after forward is not supported yet)"
+        f"reshard_after_forward must be None, a bool or an int n dividing the shard group size {world} (keep a "
+        f"copy sharded over n ranks between forward and backward, e.g. the devices of one node), got {n!r}"
     )
 
 
@@ -208,6 +198,11 @@ def fully_shard(
     max_buffers: int = 1,
 ) -> nn.Module | list[nn.Module]:
     """Shard ``module``'s parameters (those not in an already sharded submodule) as one unit.
+
+    ``mesh``: None (the default group), a process group, a 1-D DeviceMesh, or for hybrid sharding (HSDP) a
+    2-D DeviceMesh named ("replicate", "shard"): sharded within each shard group, gradients averaged across
+    replicas. ``reshard_after_forward=n`` (an int dividing the shard group size) keeps a copy sharded over n
+    ranks between forward and backward, so backward's all-gather spans n ranks (one node).
 
     As in FSDP2: call it on submodules first (each becomes a unit), then on the root; a list of modules
     becomes one unit; the module's class gains the ``FSDPModule`` methods; ``reshard_after_forward=None``
@@ -226,11 +221,11 @@ def fully_shard(
         if isinstance(m, FSDPModule):
             raise ValueError(f"fully_shard was already applied to this {type(m).__bases__[-1].__name__}; call it once")
     _check_options(mp_policy, shard_placement_fn, offload_policy, granularity, max_buffers)
-    group = _group_of(mesh)
-    reshard = _resolve_reshard(reshard_after_forward, group)
+    groups = shard_groups(mesh)
+    reshard, post_forward = _resolve_reshard(reshard_after_forward, groups)
     ignored = {id(p) for p in ignored_params or ()}
-    unit = build_unit(modules, group, mp_policy, granularity, ignored, max_buffers)
-    state = FSDPState(modules, unit, group, mp_policy, reshard)
+    unit = build_unit(modules, groups, mp_policy, granularity, ignored, max_buffers)
+    state = FSDPState(modules, unit, groups.shard, mp_policy, reshard, post_forward)
     for m in modules:
         m.__dict__[STATE_ATTR] = state
         m.register_forward_pre_hook(state.pre_forward, prepend=True, with_kwargs=True)

@@ -4,7 +4,8 @@
 all-reduces of "which parameters got a gradient" flags, bytes copied outside collectives (casts for mixed
 precision, accumulation into an existing sharded gradient) and the gradient path's own work: bytes zeroed
 (a fresh grad buffer) and bytes added into in place (autograd accumulating each gradient into its view),
-and the optimizers' all-to-alls (bytes sent to other ranks: Muon moving pieces to their matrix's owner).
+the optimizers' all-to-alls (bytes sent to other ranks: Muon moving pieces to their matrix's owner) and
+HSDP's all-reduces of sharded gradients across replicas.
 ``record_collectives()`` logs the sequence of collectives, which must be the same on every rank.
 """
 
@@ -13,10 +14,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
+
+
+class Collective(NamedTuple):
+    """One logged collective: its kind, its size in elements (output of an all-gather, input otherwise) and
+    how many ranks it spans."""
+
+    kind: str
+    elements: int
+    ranks: int
 
 
 @dataclass
@@ -31,18 +42,20 @@ class Traffic:
     add_bytes: int = 0
     all_to_alls: int = 0
     all_to_all_bytes: int = 0  # sent to other ranks (the part a rank keeps for itself moves no bytes)
+    all_reduces: int = 0  # HSDP: the sharded gradients averaged across replicas
+    all_reduce_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
 _traffic = Traffic()
-_log: list[tuple[str, int]] | None = None
+_log: list[Collective] | None = None
 
 
 @contextlib.contextmanager
-def record_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Log ``(kind, elements)`` of every collective issued inside the block, in issue order."""
+def record_collectives() -> Iterator[list[Collective]]:
+    """Log every collective issued inside the block as ``Collective(kind, elements, ranks)``, in issue order."""
     global _log
     previous, _log = _log, []
     try:
@@ -51,9 +64,9 @@ def record_collectives() -> Iterator[list[tuple[str, int]]]:
         _log = previous
 
 
-def _record(kind: str, t: torch.Tensor) -> None:
+def _record(kind: str, t: torch.Tensor, group: ProcessGroup | None) -> None:
     if _log is not None:
-        _log.append((kind, t.numel()))
+        _log.append(Collective(kind, t.numel(), dist.get_world_size(group)))
 
 
 def _all_gather_single(*args, **kwargs):
@@ -119,7 +132,7 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group: ProcessGroup) -
     """Issue the all-gather of every rank's ``shard`` into ``output`` (rank r's at ``[r*S, (r+1)*S)``)."""
     _traffic.all_gather_bytes += output.numel() * output.element_size()
     _traffic.all_gathers += 1
-    _record("all_gather", output)
+    _record("all_gather", output, group)
     version = output._version
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_gather"):
         work = _all_gather_single(output, shard, group=group, async_op=True)
@@ -130,15 +143,24 @@ def reduce_scatter_avg(output: torch.Tensor, full: torch.Tensor, group: ProcessG
     """Average ``full`` over ranks and leave rank r's window of the result in ``output`` (async)."""
     _traffic.reduce_scatter_bytes += full.numel() * full.element_size()
     _traffic.reduce_scatters += 1
-    _record("reduce_scatter", full)
+    _record("reduce_scatter", full, group)
     with torch.no_grad(), torch.profiler.record_function("scalestack::reduce_scatter"):
         return _reduce_scatter_single(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
+
+
+def all_reduce_avg(tensor: torch.Tensor, group: ProcessGroup) -> Work | None:
+    """Average ``tensor`` in place over ``group`` (async): HSDP's sharded gradients across replicas."""
+    _traffic.all_reduces += 1
+    _traffic.all_reduce_bytes += tensor.numel() * tensor.element_size()
+    _record("all_reduce", tensor, group)
+    with torch.no_grad(), torch.profiler.record_function("scalestack::all_reduce"):
+        return dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group, async_op=True)
 
 
 def all_reduce_flags(flags: torch.Tensor, group: ProcessGroup) -> Work | None:
     """Sum small integer flags over ranks (async): which parameters got a gradient on any rank."""
     _traffic.flag_all_reduces += 1
-    _record("all_reduce_flags", flags)
+    _record("all_reduce_flags", flags, group)
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_reduce_flags"):
         return dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
@@ -149,7 +171,7 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: list[in
     rank = dist.get_rank(group)
     _traffic.all_to_alls += 1
     _traffic.all_to_all_bytes += (sum(input_splits) - input_splits[rank]) * input.element_size()
-    _record("all_to_all", input)
+    _record("all_to_all", input, group)
     with torch.no_grad(), torch.profiler.record_function("scalestack::all_to_all"):
         return dist.all_to_all_single(output, input, output_splits, input_splits, group=group, async_op=True)
 

@@ -16,6 +16,7 @@ from torch.distributed import ProcessGroup
 from ..planner.granularity import GranularityRule, cuts_for, resolve_granularity
 from ..planner.layout import TensorSpec
 from ..planner.search import Plan, plan_buffers
+from .mesh import ShardGroups
 from .mixed_precision import MixedPrecisionPolicy
 from .param import ManagedParam, ShardInfo, is_sharded
 from .rank_check import check_ranks_agree
@@ -61,8 +62,6 @@ def _collect(modules: list[nn.Module], ignored: set[int]) -> list[_Entry]:
             )
         if not p.is_floating_point():
             raise TypeError(f"parameter {fqn!r} has dtype {p.dtype}; fully_shard shards floating-point parameters only")
-        if p.device.type == "meta":
-            raise ValueError(f"parameter {fqn!r} is on the meta device; materialize the module before fully_shard")
         by_id.setdefault(id(p), (fqn, p, []))[2].append((owner, attr))
     entries = list(by_id.values())
     first_fqn, first, _ = entries[0] if entries else (None, None, None)
@@ -75,9 +74,10 @@ def _collect(modules: list[nn.Module], ignored: set[int]) -> list[_Entry]:
     return entries
 
 
-def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPrecisionPolicy,
+def build_unit(modules: list[nn.Module], groups: ShardGroups, mp_policy: MixedPrecisionPolicy,
                granularity: GranularityRule, ignored: set[int], max_buffers: int) -> ShardedUnit | None:  # fmt: skip
     entries = _collect(modules, ignored)
+    group = groups.shard
     if not entries:
         return None
     first = entries[0][1]
@@ -111,7 +111,7 @@ def build_unit(modules: list[nn.Module], group: ProcessGroup, mp_policy: MixedPr
             setattr(p, _SHARDED_ORIGINAL, True)
             by_entry[entry] = mp
     params = [by_entry[i] for i in range(len(entries))]  # model order, whatever buffer holds them
-    unit = ShardedUnit(name, plan, buffers, params, group, reduce)
+    unit = ShardedUnit(name, plan, buffers, params, groups, reduce)
     unit._to_sharded()  # the module shows its sharded pieces
     register_state_dict_hooks(unit)
     return unit
@@ -122,6 +122,13 @@ def lazy_init(root: FSDPState) -> None:
     top = root.modules[0]
     names = {m: name for name, m in top.named_modules()}
     states = list(dict.fromkeys(s for m in top.modules() if (s := state_of(m)) is not None))
+    on_meta = [names.get(s.modules[0]) or "<root>" for s in states if s.unit is not None and s.unit.on_meta]
+    if on_meta:
+        raise RuntimeError(
+            f"the parameters of {', '.join(repr(n) for n in on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} are "
+            "still on the meta device: call scalestack.materialize(model) (or model.to_empty(device=...) and your "
+            "init functions, or scalestack.checkpoint.load) before the first forward"
+        )
     for s in states:
         if s.ctx is not None:
             raise RuntimeError(
@@ -138,6 +145,7 @@ def lazy_init(root: FSDPState) -> None:
         if s.unit is not None:
             s.unit.name = names.get(s.modules[0]) or "<root>"
             s.unit.on_gradient = ctx.free_finished_reduces
+            s.unit.advance_reduces = ctx.issue_replica_reduces
     units = [s.unit for s in states if s.unit is not None]
     device = units[0].device if units else torch.device("cpu")
     check_ranks_agree(units, root.group, device)

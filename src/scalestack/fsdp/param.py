@@ -134,6 +134,10 @@ class ManagedParam:
         """This rank's piece of the full tensor (a state dict entry), flattened."""
         return full.reshape(-1)[self.piece.start : self.piece.end]
 
+    @property
+    def info(self) -> ShardInfo:
+        return getattr(self.sharded, _INFO)
+
     def attach(self, sharded: nn.Parameter, unsharded: nn.Parameter, info: ShardInfo) -> None:
         self.sharded, self.unsharded = sharded, unsharded
         self.synced_requires_grad = sharded.requires_grad

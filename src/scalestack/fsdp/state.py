@@ -157,10 +157,18 @@ class StepContext:
             torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
 
     def reduce_issued(self, unit: ShardedUnit) -> None:
-        """Keep one reduce-scatter in flight behind the newest: finishing it frees its grad buffer."""
+        """Keep one reduce-scatter in flight behind the newest: finishing it frees its grad buffer. Under HSDP
+        the older ones' all-reduces across replicas are issued now, and one more unit stays in flight."""
+        self.issue_replica_reduces()
         self.in_flight.append(unit)
-        while len(self.in_flight) > 1:
+        while len(self.in_flight) > (2 if unit.replicate_group is not None else 1):
             self.in_flight.pop(0).finish_reduce()
+
+    def issue_replica_reduces(self) -> None:
+        """HSDP: issue the all-reduces across replicas of every reduce in flight, oldest first, so that every
+        rank issues them in the same order (never in the order that reduce-scatters happen to finish)."""
+        for u in self.in_flight:
+            u.issue_replica_reduce()
 
     def free_finished_reduces(self) -> None:
         while self.in_flight and self.in_flight[0].reduce_completed():
@@ -177,6 +185,7 @@ class StepContext:
             if u is not None and (u.ran_forward_with_grad or u.training_state is TrainingState.PRE_BACKWARD):
                 s.post_backward()
         if self.is_last_backward:
+            self.issue_replica_reduces()
             for s in self.states:
                 if s.unit is not None:
                     s.unit.finish_reduce()
@@ -201,12 +210,14 @@ class FSDPState:
     """The hooks of one ``fully_shard`` call (shared by every module of a list passed as one unit)."""
 
     def __init__(self, modules: list[nn.Module], unit: ShardedUnit | None, group: ProcessGroup,
-                 mp_policy: MixedPrecisionPolicy, reshard_after_forward: bool | None) -> None:  # fmt: skip
+                 mp_policy: MixedPrecisionPolicy, reshard_after_forward: bool | None,
+                 post_forward_group: ProcessGroup | None = None) -> None:  # fmt: skip
         self.modules = modules
         self.unit = unit
         self.group = group
         self.mp_policy = mp_policy
         self.reshard_after_forward = reshard_after_forward  # None: True, except for the root
+        self.post_forward_group = post_forward_group  # reshard_after_forward=n: keep 1/n over this block
         self.forward_prefetch: list[FSDPState] | None = None
         self.backward_prefetch: list[FSDPState] | None = None
         self.ctx: StepContext | None = None  # set at lazy init, shared by every state under one root
@@ -275,7 +286,8 @@ class FSDPState:
             self.post_forward_indices.append(len(ctx.post_forward_order) - 1)
         if unit is not None:
             keep = self.is_root if self.reshard_after_forward is None else not self.reshard_after_forward
-            unit.post_forward(reshard=not keep or (not grad and not self.is_root))
+            to_group = self.post_forward_group if grad and self.reshard_after_forward else None
+            unit.post_forward(reshard=not keep or (not grad and not self.is_root), to_group=to_group)
         if self.is_root:
             if grad:
                 ctx.end_forward()

@@ -22,16 +22,19 @@ from collections.abc import Callable
 from enum import Enum, auto
 
 import torch
+import torch.nn as nn
 from torch.distributed import ProcessGroup, Work
 
 from ..planner.layout import Layout
 from ..planner.search import Plan
 from . import collectives as comm
+from .mesh import ShardGroups
 from .param import ManagedParam
 
 
 class ShardState(Enum):
     SHARDED = auto()  # only the shard buffers exist; the module shows the sharded pieces
+    PARTLY_SHARDED = auto()  # after forward with reshard_after_forward=n: each rank keeps 1/n of the gather
     GATHERING = auto()  # the all-gathers into the gather buffers are in flight
     UNSHARDED = auto()  # the module shows full parameters, views of the gather buffers
 
@@ -70,6 +73,7 @@ class FlatBuffer:
         self.gather = torch.empty(layout.total_size, dtype=compute, device=shard.device)
         self.grad = torch.empty(layout.total_size, dtype=compute, device=shard.device)
         self.accum: torch.Tensor | None = None
+        self.partial: torch.Tensor | None = None  # PARTLY_SHARDED: this rank's 1/n of the gather buffer
 
     def __repr__(self) -> str:  # never prints tensors: their storage may be freed
         return (
@@ -79,20 +83,27 @@ class FlatBuffer:
 
 
 class _PendingReduce:
+    """One buffer's gradient reduction in flight: the reduce-scatter, then (HSDP) the all-reduce across
+    replicas of its output, issued once the reduce-scatter is done."""
+
     def __init__(self, work: Work | None, buffer: FlatBuffer, output: torch.Tensor, source: torch.Tensor) -> None:
         self.work, self.buffer, self.output, self.source = work, buffer, output, source  # source: alive till done
+        self.replicas: Work | None = None
 
 
 class ShardedUnit:
     """The parameters of one ``fully_shard`` call; gathered, reduced and freed together."""
 
     def __init__(self, name: str, plan: Plan, buffers: list[FlatBuffer], params: list[ManagedParam],
-                 group: ProcessGroup, reduce_dtype: torch.dtype) -> None:  # fmt: skip
+                 groups: ShardGroups, reduce_dtype: torch.dtype) -> None:  # fmt: skip
         self.name = name
         self.plan = plan
         self.buffers = buffers
         self.params = params
-        self.group = group
+        self.group = groups.shard
+        self.replicate_group = groups.replicate  # HSDP: gradients are averaged across it after the reduce-scatter
+        self.mesh_group = groups.everyone
+        self._post_forward_group: ProcessGroup | None = None  # the group the partial copies gather over
         self.reduce_dtype = reduce_dtype
         self.reshard_after_backward = True
         self.requires_gradient_sync = True
@@ -109,6 +120,9 @@ class ShardedUnit:
         self._pending: list[_PendingReduce] = []
         # the flags all-reduce, its tensor, the reduced params and which of them got a gradient here
         self._pending_flags: tuple[Work | None, torch.Tensor, list[ManagedParam], list[bool]] | None = None
+        self._replicas_issued = False  # HSDP: the all-reduces across replicas of the pending reduce are issued
+        # set by the root at lazy init: issue the replicas' all-reduces of every pending reduce, oldest first
+        self.advance_reduces: Callable[[], None] | None = None
         for b in buffers:  # the parameter views exist now: their storage can go until the first gather
             _free(b.gather)
             _free(b.grad)
@@ -128,6 +142,28 @@ class ShardedUnit:
             f"{self.state.name}, {self.training_state.name})"
         )
 
+    @property
+    def on_meta(self) -> bool:
+        """Built from a module on the meta device and not given real storage yet (``materialize``, ``to_empty``)."""
+        return self.device.type == "meta"
+
+    def allocate(self, device: torch.device) -> None:
+        """Give a unit built on the meta device uninitialized shards on ``device``. The parameter objects stay
+        the same (their contents are swapped), so optimizers and references taken before keep working."""
+        for b in self.buffers:
+            b.shard = torch.empty(b.layout.shard_size, dtype=b.shard.dtype, device=device)
+            b.gather = torch.empty(b.layout.total_size, dtype=b.gather.dtype, device=device)
+            b.grad = torch.empty_like(b.gather)
+        for p in self.params:
+            b = self.buffers[p.buffer_index]
+            info, grad = p.info, p.sharded.requires_grad
+            torch.utils.swap_tensors(p.sharded, nn.Parameter(p.in_shard(b.shard), requires_grad=grad))
+            torch.utils.swap_tensors(p.unsharded, nn.Parameter(p.in_full(b.gather), requires_grad=grad))
+            p.attach(p.sharded, p.unsharded, info)
+        for b in self.buffers:
+            _free(b.gather)
+            _free(b.grad)
+
     def trainable(self) -> list[ManagedParam]:
         """Parameters that train now: ``requires_grad`` is read live, so freezing after fully_shard works."""
         return [p for p in self.params if p.sharded.requires_grad]
@@ -139,11 +175,16 @@ class ShardedUnit:
                 _alloc(b.gather)
                 self._gathers.append(comm.all_gather(b.gather, comm.cast(b.shard, b.gather.dtype), self.group))
             self.state = ShardState.GATHERING
+        elif self.state is ShardState.PARTLY_SHARDED:  # backward: gather the n copies of one block only
+            for b in self.buffers:
+                _alloc(b.gather)
+                self._gathers.append(comm.all_gather(b.gather, b.partial, self._post_forward_group))
+            self.state = ShardState.GATHERING
         if not async_op:
             self.wait_for_unshard()
 
     def wait_for_unshard(self) -> None:
-        if self.state is ShardState.SHARDED:
+        if self.state in (ShardState.SHARDED, ShardState.PARTLY_SHARDED):
             self.unshard(async_op=True)
         if self.state is ShardState.GATHERING:
             self._wait_gathers()
@@ -157,12 +198,31 @@ class ShardedUnit:
         self._to_sharded()
         for b in self.buffers:
             _free(b.gather)
+            b.partial = None
         self.state = ShardState.SHARDED
+
+    def reshard_to(self, group: ProcessGroup) -> None:
+        """Free the gathered parameters but keep this rank's 1/n of them (n = the size of ``group``, a block
+        of consecutive ranks): backward gathers them back within the block."""
+        if self.state is not ShardState.UNSHARDED:
+            self.reshard()
+            return
+        n, i = group.size(), group.rank()
+        self._to_sharded()
+        for b in self.buffers:
+            part = b.layout.total_size // n
+            b.partial = b.gather[i * part : (i + 1) * part].clone()
+            comm.count_copy(b.partial)
+            _free(b.gather)
+        self._post_forward_group = group
+        self.state = ShardState.PARTLY_SHARDED
 
     def _wait_gathers(self) -> None:
         gathers, self._gathers = self._gathers, []
         for g in gathers:
             g.wait()
+        for b in self.buffers:
+            b.partial = None
 
     def _to_unsharded(self) -> None:
         self._sync_requires_grad()
@@ -204,9 +264,11 @@ class ShardedUnit:
         self.training_state = TrainingState.FORWARD
         self.ran_forward_with_grad |= grad_enabled
 
-    def post_forward(self, reshard: bool) -> None:
+    def post_forward(self, reshard: bool, to_group: ProcessGroup | None = None) -> None:
         self.training_state = TrainingState.IDLE
-        if reshard:
+        if reshard and to_group is not None:
+            self.reshard_to(to_group)
+        elif reshard:
             self.reshard()
 
     # ---------------------------------------------------------------- backward
@@ -294,21 +356,50 @@ class ShardedUnit:
         return bool(self._pending)
 
     def reduce_completed(self) -> bool:
-        return bool(self._pending) and all(r.work is None or r.work.is_completed() for r in self._pending)
+        """Nothing of the pending reduce is in flight any more (under HSDP: its all-reduces were issued and are done)."""
+        if not self._pending or (self.replicate_group is not None and not self._replicas_issued):
+            return False
+        return all((w := r.replicas or r.work) is None or w.is_completed() for r in self._pending)
 
-    def finish_reduce(self) -> None:
-        """Wait for the in-flight reduce-scatters and hand out the sharded gradients (views of their output)."""
-        pending, self._pending = self._pending, []
-        if not pending:
+    def issue_replica_reduce(self) -> None:
+        """HSDP: once the reduce-scatters are done, issue the all-reduces of their outputs (and of the flags)
+        across replicas. Every rank must call this for its units in the same order (the root does, oldest first)."""
+        if self.replicate_group is None or not self._pending or self._replicas_issued:
             return
-        work, flags, params, here = self._pending_flags
-        self._pending_flags = None
+        self._wait_reduce_scatters()
+        _, flags, params, here = self._pending_flags
+        for r in self._pending:
+            r.replicas = comm.all_reduce_avg(r.output, self.replicate_group)
+        self._pending_flags = (comm.all_reduce_flags(flags, self.replicate_group), flags, params, here)
+        self._replicas_issued = True
+
+    def _wait_reduce_scatters(self) -> None:
         with torch.profiler.record_function("scalestack::wait_reduce_scatter"):
-            for r in pending:
+            for r in self._pending:
                 if r.work is not None:
                     r.work.wait()
+                    r.work = None
+            work, *rest = self._pending_flags
             if work is not None:
                 work.wait()
+                self._pending_flags = (None, *rest)
+
+    def finish_reduce(self) -> None:
+        """Wait for the in-flight reduce-scatters (and all-reduces across replicas) and hand out the sharded
+        gradients (views of their output)."""
+        if not self._pending:
+            return
+        if self.replicate_group is not None and not self._replicas_issued:
+            self.advance_reduces()  # issues this unit's all-reduces, after those of older units
+        self._wait_reduce_scatters()
+        pending, self._pending = self._pending, []
+        _, flags, params, here = self._pending_flags
+        self._pending_flags = None
+        self._replicas_issued = False
+        with torch.profiler.record_function("scalestack::wait_all_reduce"):
+            for r in pending:
+                if r.replicas is not None:
+                    r.replicas.wait()
         grads = {}
         for r in pending:
             if r.source is r.buffer.grad:

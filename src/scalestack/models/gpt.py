@@ -52,6 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_proj.residual_projection = True  # GPT-2's scaled init
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -78,6 +79,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_proj.residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x)))
@@ -105,18 +107,15 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        self.register_buffer("positions", torch.arange(cfg.block_size), persistent=False)
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:  # tied last, as Hugging Face does: the embedding's values are kept
+            self.lm_head.weight = self.wte.weight
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
+    def _init_weights(self, m: nn.Module) -> None:
+        """GPT-2's init of one module's own parameters (``scalestack.materialize`` replays it on meta models)."""
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            scaled = getattr(m, "residual_projection", False)
+            nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer) if scaled else 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
@@ -135,7 +134,7 @@ class GPT(nn.Module):
         limit = self.cfg.block_size if cache is None else cache.max_len
         if start + T > limit:
             raise ValueError(f"sequence length {start + T} exceeds the limit {limit} (block_size or cache max_len)")
-        x = self.wte(idx) + self.wpe(self.positions[start : start + T])
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
         for i, block in enumerate(self.layers):
             x = block(x, cache, i)
         if cache is not None:
