@@ -88,7 +88,8 @@ def test_hsdp_matches_unsharded(pool, world, replicas, micro):
     if replicas > 1:
         assert len(all_reduces) == n_units * steps and {c.ranks for c in all_reduces} == {replicas}
         # each all-reduce carries the reduce-scatter's output: 1/shard_size of the unit's gradient
-        assert sorted(c.elements for c in all_reduces) == sorted(c.elements // (world // replicas) for c in reduce_scatters)
+        shard_size = world // replicas
+        assert sorted(c.elements for c in all_reduces) == sorted(c.elements // shard_size for c in reduce_scatters)
     else:
         assert not all_reduces
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed import ProcessGroup
 
 from ..planner.granularity import GranularityRule, cuts_for, resolve_granularity
 from ..planner.layout import TensorSpec

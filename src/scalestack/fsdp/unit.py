@@ -356,7 +356,7 @@ class ShardedUnit:
         return bool(self._pending)
 
     def reduce_completed(self) -> bool:
-        """Nothing of the pending reduce is in flight any more (under HSDP: its all-reduces were issued and are done)."""
+        """Nothing of the pending reduce is in flight (under HSDP: its all-reduces were issued and are done)."""
         if not self._pending or (self.replicate_group is not None and not self._replicas_issued):
             return False
         return all((w := r.replicas or r.work) is None or w.is_completed() for r in self._pending)
