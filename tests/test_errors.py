@@ -100,17 +100,17 @@ def test_misuse_gets_clear_errors(pool):
 def mesh_case(rank, world, group):
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))  # not HSDP's names
     message = expect(ValueError, ss.fully_shard, nn.Linear(2, 2), mesh=mesh)
-    model = ss.fully_shard(nn.Linear(5, 3), mesh=mesh["shard"])  # a 1-D slice works
+    model = ss.fully_shard(nn.Linear(5, 3), mesh=mesh["dp"])  # a 1-D slice works
     (lay,) = ss.layout(model).buffers
     lay.check()
     return message, lay.world_size
 
 
-def test_two_dimensional_mesh_is_rejected(pool):
+def test_two_dimensional_mesh_without_hsdp_names_is_rejected(pool):
     message, sliced_world = pool.run(mesh_case, 4)[0]
-    assert "1-D mesh" in message and "mesh['dp']" in message
+    assert "1-D mesh" in message and "('replicate', 'shard')" in message and "mesh['dp']" in message
     assert sliced_world == 2
 
 

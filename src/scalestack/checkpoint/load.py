@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..fsdp import collectives as comm
 from ..fsdp.api import units
+from ..fsdp.materialize import allocate_for_load
 from ..fsdp.state_dict_hooks import reshard_for_load
 from . import contents, directory, ranks
 from .optimizer_state import apply_loaded, check_groups, init_optimizer_state, names_in, param_names
@@ -48,6 +49,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: contents.Optimize
     saved = metadata.state_dict_metadata
     opts = contents.optimizers(optimizer)
     other_kind = _other_kinds(ckpt, opts, strict)
+    allocate_for_load(model, strict)  # a meta-device model gets storage that the load fills, piece by piece
     reshard_for_load(units(model))  # every rank: the loaded pieces reach the next forward
     names = param_names(model)
     for _, opt in opts:

@@ -194,6 +194,29 @@ def allocate_meta(model: nn.Module, device: torch.device, units: list[ShardedUni
     return out
 
 
+def allocate_for_load(model: nn.Module, strict: bool) -> None:
+    """``checkpoint.load`` into a model built on the meta device: uninitialized storage that the load fills,
+    so the full model never exists anywhere."""
+    from .api import units as units_of
+
+    units = units_of(model)
+    loose = _loose_meta(model, units)
+    if not loose and not any(u.on_meta for u in units):
+        return
+    if not strict:
+        raise ValueError(
+            "this model is on the meta device: load it with strict=True (a tensor the checkpoint lacks would stay "
+            "uninitialized), or call scalestack.materialize(model) first"
+        )
+    transient = [fqn for fqn, m, name, is_param in loose if not is_param and name in m._non_persistent_buffers_set]
+    if transient:
+        raise ValueError(
+            f"buffers {transient[:3]} of this meta-device model are not saved in checkpoints (non-persistent), so "
+            "a load cannot fill them: call scalestack.materialize(model) first (init recomputes them), then load"
+        )
+    allocate_meta(model, default_device(units), units)
+
+
 def default_device(units: list[ShardedUnit]) -> torch.device:
     """The current CUDA device for units on an NCCL group, else the CPU."""
     group = units[0].group if units else None
@@ -249,6 +272,9 @@ def materialize(model: nn.Module, device: torch.device | str | None = None, init
     device = torch.device(device) if device is not None else default_device(units)
     if device.type == "meta":
         raise ValueError("materialize: device must be a real device (cpu, cuda, ...), not meta")
+    for name, m in model.named_modules():  # errors name units by their place in the model
+        if (s := state_of(m)) is not None and s.unit is not None:
+            s.unit.name = name or "<root>"
     loose = allocate_meta(model, device, units)
     owners = _owners(model)
     key = {(id(m), attr): id(p) for u in units for p in u.params for m, attr in p.uses}  # stable across reopening
