@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_to_empty_flow_and_checkpoint_into_a_meta_model(pool, tmp_path, world):
 
 
 def _hwm_mib() -> float:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
@@ -125,7 +126,7 @@ def memory_case(rank, world, group):
     import gc
 
     gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")  # reset this process's RSS high-water mark
+    Path("/proc/self/clear_refs").write_text("5")  # reset this process's RSS high-water mark
     start = _hwm_mib()
     cfg = GPTConfig(vocab_size=8192, block_size=64, n_layer=30, n_head=16, n_embd=1024)
     torch.manual_seed(0)

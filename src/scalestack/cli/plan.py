@@ -46,6 +46,12 @@ def parse_granularity(text: str):
 class SystemResult:
     total: int  # elements over all ranks, all units
     collectives: int  # buffers over all units (each: one all-gather per gather, one reduce-scatter)
+    root: int = 0  # elements over all ranks of the root unit (the last): it stays gathered for backward
+
+    @property
+    def all_gathered(self) -> int:
+        """Elements all-gathered per step: every unit in forward, all but the root again in backward."""
+        return 2 * self.total - self.root
 
 
 def plan_model(model: ModelShapes, world: int, granularity, blocks_per_unit: int, max_buffers: int, align: int):
@@ -57,11 +63,14 @@ def plan_model(model: ModelShapes, world: int, granularity, blocks_per_unit: int
         plan = plan_buffers(specs, world, align, max_buffers)
         ours.total += plan.total_size
         ours.collectives += plan.collectives
+        ours.root = plan.total_size
         per_unit.append((plan.numel, plan.padding, plan.collectives))
         shapes = [s for _, s in unit]
         for name, rule in PEERS.items():
-            peers[name].total += rule(shapes, world)
+            size = rule(shapes, world)
+            peers[name].total += size
             peers[name].collectives += 1
+            peers[name].root = size
     return ours, peers, per_unit
 
 
@@ -129,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             pad = (res.total - numel) / numel
             row = [name, f"{100 * pad:.3f}%", f"{res.collectives}", f"{per_rank * 8 / GIB:.2f}"]
             row += [f"{per_rank * (8 + b) / GIB:.2f}" for b in OPTIMIZERS.values()]
-            row += [f"{2 * res.total * 2 / GIB:.2f}"]
+            row += [f"{res.all_gathered * 2 / GIB:.2f}"]
             rows.append(row)
         columns = ["system", "padding", "buffers", "params+grads GiB/rank"]
         columns += [f"+{o} GiB/rank" for o in OPTIMIZERS] + ["all-gather GiB/step"]
@@ -140,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             ]
             _table(f"W={world} per unit", ["unit", "params", "padding", "buffers"], unit_rows)
     print("Memory: fp32 master params + fp32 grads per rank, plus the optimizer's state (AdamW 8 B/elem, 8-bit")
-    print("AdamW 2 B/elem + block scales, Muon momentum 4 B/elem). All-gather: bf16, forward and backward.")
+    print("AdamW 2 B/elem + block scales, Muon momentum 4 B/elem). All-gather: bf16, forward and backward")
+    print("(the root unit stays gathered for backward, as in FSDP2).")
     print("Buffers: scalestack's collectives per unit gather (each system's 'buffers' column); peers use one per unit.")
     print("Peer rules (documented behaviour, computed here):")
     for name, rule in RULES.items():

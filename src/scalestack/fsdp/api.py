@@ -108,7 +108,14 @@ class FSDPModule:
                     unit.allocate(out.device)
                     continue
             else:
-                out = fn(torch.empty(0, dtype=unit.dtype, device=unit.device))
+                probe = torch.empty(1, dtype=unit.dtype, device=unit.device)
+                out = fn(probe)
+                if out is not probe and out.dtype == unit.dtype and out.device == unit.device:
+                    raise RuntimeError(
+                        f"{fn} makes new tensors for the sharded parameters of unit {unit.name!r}, detaching them "
+                        "from their shards (training would update tensors that are never gathered); apply it before "
+                        "fully_shard (to_empty is for a model built on the meta device)"
+                    )
             if out.dtype != unit.dtype or out.device != unit.device:
                 raise RuntimeError(
                     f"this module was sharded in {unit.dtype} on {unit.device}; changing the dtype or device of "
