@@ -1,10 +1,11 @@
 """Scale by simulation: one process plays rank r of W ranks with torch's fake process group.
 
-It builds a Llama from its published shapes on the meta device, shards every decoder layer and the root
-(bf16 compute, fp32 master and reduce), gives the model real storage, runs one training step on a few tokens
-and reports per-rank memory (RSS high-water mark against the plan), time, and every collective the step
-issued with its size, next to what ``scalestack plan`` predicts for the same model and W. The fake group's
-collectives move no data, so the numbers are the per-rank behaviour, not communication time.
+It builds a Llama from its published shapes on the meta device and shards the embedding, every decoder
+layer, and the final norm with the head (torchtitan's wrapping; fp32, in which CPU GEMMs are fastest). It
+gives the model storage, runs one training step on a few tokens, and reports per-rank memory (RSS
+high-water mark against the plan), time, and every collective the step issued with its size, next to what
+``scalestack plan MODEL --world W --granularity element --split-root`` predicts. The fake group's
+collectives move no data, so the numbers are one rank's behaviour, not communication time.
 
     python benchmarks/scale.py                         # llama3-70b, W=1024, rank 5, to_empty + local init
     python benchmarks/scale.py --init exact            # scalestack.materialize: bitwise plain init (slow on CPU)
@@ -29,7 +30,7 @@ SMALL = dict(
     model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False,
 )  # fmt: skip
-ALIGN = 8  # elements: the engine aligns every view to 16 bytes in the master (fp32) and compute (bf16) dtype
+ALIGN = 4  # elements: 16 bytes of fp32, the engine's alignment and scalestack plan's default
 
 
 def _status_mib(field: str) -> float:
@@ -44,27 +45,29 @@ def _reset_peak() -> None:
 
 
 def planned(cfg: dict, world: int) -> dict:
-    """What the planner predicts per rank: ``scalestack plan MODEL --world W --granularity element``."""
+    """What the planner predicts per rank: ``scalestack plan MODEL --world W --granularity element
+    --split-root`` (the same code)."""
     from scalestack.cli.plan import plan_model
     from scalestack.planner.model_shapes import shapes_from_config
 
     shapes = shapes_from_config(cfg, "model")
+    shapes.split_root = True
     ours, _, per_unit = plan_model(shapes, world, lambda n, s: "element", 1, 1, ALIGN)
-    totals = [n + p for n, p, _ in per_unit]  # W*S of each unit, the root last
+    totals = [n + p for n, p, _ in per_unit]  # W*S of each unit
     return {
         "params": shapes.numel,
         "units": len(per_unit),
         "padding": (ours.total - shapes.numel) / shapes.numel,
         "shard_mib": ours.total / world * 4 / MIB,  # fp32 master
         "largest_unit_mib": max(totals) * 4 / MIB,
-        "all_gathers": 2 * len(totals) - 1,  # forward every unit, backward all but the root (kept gathered)
-        "all_gather_mib": ours.all_gathered * 2 / MIB,  # bf16, as the plan's "all-gather GiB/step" column
+        "all_gathers": 2 * len(totals),  # every unit in forward and again in backward
+        "all_gather_mib": ours.all_gathered * 4 / MIB,  # the plan's "all-gather GiB/step" column is this in bf16
         "reduce_scatters": len(totals),
-        "reduce_scatter_mib": ours.total * 4 / MIB,  # fp32 reduce
+        "reduce_scatter_mib": ours.total * 4 / MIB,
     }
 
 
-def simulate(cfg: dict, world: int, rank: int, init: str, tokens: int) -> dict:
+def simulate(cfg: dict, world: int, rank: int, init: str, tokens: int, step: bool = True) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,20 +80,22 @@ def simulate(cfg: dict, world: int, rank: int, init: str, tokens: int) -> dict:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     t_build = time.perf_counter() - t0
-    mp = ss.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # fp32 throughout: CPU GEMMs are fast in fp32 (a GPU run would compute in bf16)
+    ss.fully_shard(model.model.embed_tokens)  # torchtitan's wrapping: no unit holds both embedding and head
     for layer in model.model.layers:
-        ss.fully_shard(layer, mp_policy=mp)
-    ss.fully_shard(model, mp_policy=mp)
+        ss.fully_shard(layer)
+    ss.fully_shard([model.model.norm, model.lm_head])
+    ss.fully_shard(model)
     t_shard = time.perf_counter() - t0
-    units = ss.fsdp.api.units(model)
+    units = ss.fsdp.api.units(model)  # the root holds no parameters, so it has no unit
     shard_mib = sum(b.layout.shard_size for u in units for b in u.buffers) * 4 / MIB
     largest_mib = max(b.layout.total_size for u in units for b in u.buffers) * 4 / MIB
     t0 = time.perf_counter()
-    torch.manual_seed(0)
     if init == "exact":
+        torch.manual_seed(0)
         ss.materialize(model)
-    else:  # FSDP2's flow: real local shards, the init on them (elementwise, so it is right on pieces)
+    else:  # FSDP2's flow: real local shards, an elementwise init on them, seeded per rank (pieces must differ)
+        torch.manual_seed(rank)
         model.to_empty(device="cpu")
         with torch.no_grad():
             for p in model.parameters():
@@ -103,7 +108,8 @@ def simulate(cfg: dict, world: int, rank: int, init: str, tokens: int) -> dict:
     base_step = _status_mib("VmRSS")
     t0 = time.perf_counter()
     with ss.record_collectives() as log:
-        model(ids, labels=ids).loss.backward()
+        if step:
+            model(ids, labels=ids).loss.backward()
     t_step = time.perf_counter() - t0
     peak_step = _status_mib("VmHWM") - base_step
     gathers = [c for c in log if c.kind == "all_gather"]
@@ -123,7 +129,7 @@ def simulate(cfg: dict, world: int, rank: int, init: str, tokens: int) -> dict:
         "step_s": t_step,
         "step_peak_rss_mib": peak_step,
         "all_gathers": len(gathers),
-        "all_gather_mib": sum(c.elements for c in gathers) * 2 / MIB,
+        "all_gather_mib": sum(c.elements for c in gathers) * 4 / MIB,
         "all_gather_ranks": sorted({c.ranks for c in gathers}),
         "reduce_scatters": len(reduces),
         "reduce_scatter_mib": sum(c.elements for c in reduces) * 4 / MIB,
@@ -148,31 +154,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", choices=["local", "exact"], default="local",
                    help="local: to_empty + an elementwise init on the pieces; exact: materialize")  # fmt: skip
     p.add_argument("--tokens", type=int, default=4, help="tokens in the training step")
+    p.add_argument("--layers", type=int, help="override the number of decoder layers (a quick look)")
     p.add_argument("--plan-only", action="store_true", help="only the planner's per-rank prediction (any W)")
+    p.add_argument("--no-step", action="store_true", help="build, shard and initialize only")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.world:
         p.error(f"--rank must be in [0, {args.world})")
-    cfg = SMALL if args.small else BUILTIN[args.model]
+    cfg = dict(SMALL if args.small else BUILTIN[args.model])
     name = "small llama" if args.small else args.model
+    if args.layers is not None:
+        cfg["num_hidden_layers"] = args.layers
+        name += f" ({args.layers} layers)"
     plan = planned(cfg, args.world)
     out = {"model": name, "plan": plan}
     print(f"{name}: {plan['params'] / 1e9:.3f}B parameters, {plan['units']} units, W={args.world}")
     print(f"plan: shard {plan['shard_mib']:.1f} MiB/rank (fp32), largest unit {plan['largest_unit_mib']:.1f} MiB, "
           f"padding {100 * plan['padding']:.4f}%")  # fmt: skip
     if not args.plan_only:
-        sim = simulate(cfg, args.world, args.rank, args.init, args.tokens)
+        sim = simulate(cfg, args.world, args.rank, args.init, args.tokens, not args.no_step)
         out["simulation"] = sim
         expected_peak = plan["shard_mib"] + (plan["largest_unit_mib"] if args.init == "exact" else 0)
         rows = [
             ("shard per rank, MiB", plan["shard_mib"], sim["shard_mib"]),
             ("largest unit, MiB", plan["largest_unit_mib"], sim["largest_unit_mib"]),
             (f"init peak RSS ({args.init}), MiB", expected_peak, sim["init_peak_rss_mib"]),
-            ("all-gathers per step", plan["all_gathers"], sim["all_gathers"]),
-            ("all-gathered per step, MiB (bf16)", plan["all_gather_mib"], sim["all_gather_mib"]),
-            ("reduce-scatters per step", plan["reduce_scatters"], sim["reduce_scatters"]),
-            ("reduce-scattered per step, MiB (fp32)", plan["reduce_scatter_mib"], sim["reduce_scatter_mib"]),
         ]
+        if not args.no_step:
+            rows += [
+                ("all-gathers per step", plan["all_gathers"], sim["all_gathers"]),
+                ("all-gathered per step, MiB (fp32)", plan["all_gather_mib"], sim["all_gather_mib"]),
+                ("reduce-scatters per step", plan["reduce_scatters"], sim["reduce_scatters"]),
+                ("reduce-scattered per step, MiB (fp32)", plan["reduce_scatter_mib"], sim["reduce_scatter_mib"]),
+            ]
         print(f"| rank {args.rank} of {args.world} | planned | simulated |")
         print("|---|---:|---:|")
         for label, a, b in rows:

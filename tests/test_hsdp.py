@@ -200,3 +200,36 @@ def test_checkpoint_saved_under_hsdp_loads_at_w3_and_back(pool, tmp_path):
     for key, value in saved[0].items():
         assert torch.equal(at_three[0][key], value) and torch.equal(back[0][key], value), key
     assert at_three[1] == back[1] == {2}
+
+
+def stale_copy_case(rank, world, group):
+    """A grad-enabled forward that no backward follows leaves partial copies; the parameters then change
+    (an optimizer step, a load): the next forward must gather the new values, not the copies. And
+    set_reshard_after_forward(True) replaces the int: backward gathers over the whole group again."""
+    ref, model = make("plain")
+    shard(model, group, reshard_after_forward=2)
+    x, y, route = next(iter(batches(1)))
+    model(local(x, rank, world), local(y, rank, world), local(route, rank, world))  # no backward
+    with torch.no_grad():
+        for m in (model, ref):
+            for p in m.parameters():
+                p.mul_(0.5)
+    loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
+    with ss.record_collectives() as bwd:
+        loss.backward()
+    model.set_reshard_after_forward(True)
+    loss = model(local(x, rank, world), local(y, rank, world), local(route, rank, world))
+    with ss.record_collectives() as full_bwd:
+        loss.backward()
+    return (
+        global_mean(loss, group, world),
+        ref(x, y, route).item(),
+        sorted({c.ranks for c in bwd if c.kind == "all_gather"}),
+        sorted({c.ranks for c in full_bwd if c.kind == "all_gather"}),
+    )
+
+
+def test_partial_copies_never_outlive_a_change_of_parameters(pool):
+    loss, ref_loss, pairs, whole = pool.run(stale_copy_case, 4)[0]
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    assert pairs == [2] and whole == [4]

@@ -26,10 +26,34 @@ def tiny_llama(tied: bool = False) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-BUILDERS = {
-    "gpt": (lambda: GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=3)), lambda m: m.layers),
-    "llama": (tiny_llama, lambda m: m.model.layers),
-    "llama-tied": (lambda: tiny_llama(tied=True), lambda m: m.model.layers),
+class TiedBeforeInit(nn.Module):
+    """nanoGPT's order: the tie is made before ``self.apply(self._init_weights)``, so the last module that
+    initializes the shared weight wins (materialize(..., tied="last"))."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(96, 48)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(48), nn.Linear(48, 48)) for _ in range(2))
+        self.lm_head = nn.Linear(48, 96, bias=False)
+        self.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.lm_head(x)
+
+
+BUILDERS = {  # name: (build, the blocks to shard, materialize's tied=)
+    "gpt": (lambda: GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=3)), lambda m: m.layers, "first"),
+    "llama": (tiny_llama, lambda m: m.model.layers, "first"),
+    "llama-tied": (lambda: tiny_llama(tied=True), lambda m: m.model.layers, "first"),
+    "tied-before-init": (TiedBeforeInit, lambda m: m.blocks, "last"),
 }
 
 
@@ -40,13 +64,13 @@ def shard(model: nn.Module, blocks, group, **kwargs) -> nn.Module:
 
 
 def meta_case(rank, world, group, kind):
-    build, blocks = BUILDERS[kind]
+    build, blocks, tied = BUILDERS[kind]
     torch.manual_seed(1234)
     with torch.device("meta"):
         model = build()
     shard(model, blocks(model), group)
     assert all(u.on_meta for u in units(model))
-    ss.materialize(model)
+    ss.materialize(model, tied=tied)
     full = ss.full_state_dict(model)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     out = model(torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5)))
@@ -59,7 +83,7 @@ def meta_case(rank, world, group, kind):
 def test_materialize_equals_plain_construction_bitwise(pool, kind, world):
     """Built on meta, sharded, materialized unit by unit: every parameter and buffer is bitwise what plain
     construction with the same seed gives, and so is the forward."""
-    build, _ = BUILDERS[kind]
+    build, _, _ = BUILDERS[kind]
     torch.manual_seed(1234)
     ref = build()
     full, buffers, logits = pool.run(meta_case, world, kind)[0]
@@ -83,9 +107,10 @@ def to_empty_case(rank, world, group, path):
     params_before = [id(p) for p in model.parameters()]
     model.to_empty(device="cpu")
     assert [id(p) for p in model.parameters()] == params_before  # optimizers built earlier stay valid
-    torch.manual_seed(7)
+    torch.manual_seed(7 + rank)  # seeded per rank: one seed everywhere would repeat the numbers in every piece
     for p in model.parameters():
         nn.init.normal_(p, std=0.02)  # an elementwise init: correct on pieces
+    sample = model.layers[0].mlp.c_fc.weight.detach().flatten()[:64].clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 96, (4, 16))
     model(local(x, rank, world), local(x, rank, world)).backward()
@@ -101,13 +126,28 @@ def to_empty_case(rank, world, group, path):
     shard(target, target.layers, group)
     ss.checkpoint.load(path, target)
     assert not any(u.on_meta for u in units(target))
-    return trained, ss.full_state_dict(source), ss.full_state_dict(target)
+    out = [sample, trained, ss.full_state_dict(source), ss.full_state_dict(target)]
+
+    torch.manual_seed(4)  # Hugging Face: its rotary buffers are not in the checkpoint; load recomputes them
+    hf_source = tiny_llama()
+    shard(hf_source, hf_source.model.layers, group)
+    ss.checkpoint.save(path + "-hf", hf_source)
+    with torch.device("meta"):
+        hf_target = tiny_llama()
+    shard(hf_target, hf_target.model.layers, group)
+    ss.checkpoint.load(path + "-hf", hf_target)
+    x = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    same_logits = torch.equal(hf_source(x).logits, hf_target(x).logits)
+    same_buffers = all(torch.equal(a, b) for a, b in zip(hf_source.buffers(), hf_target.buffers()))
+    return [*out, same_logits, same_buffers]
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_to_empty_flow_and_checkpoint_into_a_meta_model(pool, tmp_path, world):
-    trained, source, target = pool.run(to_empty_case, world, str(tmp_path / "ckpt"))[0]
-    assert trained
+    outs = pool.run(to_empty_case, world, str(tmp_path / "ckpt"))
+    assert not torch.equal(outs[0][0], outs[1][0]), "ranks drew the same numbers for different pieces"
+    _, trained, source, target, same_logits, same_buffers = outs[0]
+    assert trained and same_logits and same_buffers
     assert source.keys() == target.keys()
     for key, value in source.items():
         assert torch.equal(target[key], value), key
@@ -160,7 +200,7 @@ def bad_input_case(rank, world, group):
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=2))
     shard(model, model.layers, group)
-    with pytest.raises(RuntimeError, match=r"'layers.0'.*meta device.*materialize") as e:
+    with pytest.raises(RuntimeError, match=r"'wte.weight'.*still on the meta device.*materialize") as e:
         model(torch.zeros(1, 4, dtype=torch.long))
     errors["forward"] = str(e.value)
 
@@ -171,6 +211,9 @@ def bad_input_case(rank, world, group):
     with pytest.raises(RuntimeError, match=r"touched parameter 'mlp.c_fc.weight' of unit 'layers.1'") as e:
         ss.materialize(model, init=reaches_out)
     errors["init"] = str(e.value)
+    assert all(u.on_meta for u in units(model)), "a failed materialize leaves the model on meta"
+    ss.materialize(model)  # and a corrected call runs
+    assert not any(u.on_meta for u in units(model))
 
     with torch.device("meta"):
         bare = NoReset()
@@ -180,8 +223,13 @@ def bad_input_case(rank, world, group):
     ready = shard(GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=2)), [], group)
     with pytest.raises(ValueError, match="nothing of this model is on the meta device"):
         ss.materialize(ready)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=2))
+    shard(model, model.layers, group)
     with pytest.raises(TypeError, match="init must be a callable"):
         ss.materialize(model, init=3)
+    with pytest.raises(ValueError, match="tied must be 'first' or 'last'"):
+        ss.materialize(model, tied="both")
     with torch.device("meta"):
         fresh = GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=2))
     shard(fresh, fresh.layers, group)

@@ -63,14 +63,14 @@ def plan_model(model: ModelShapes, world: int, granularity, blocks_per_unit: int
         plan = plan_buffers(specs, world, align, max_buffers)
         ours.total += plan.total_size
         ours.collectives += plan.collectives
-        ours.root = plan.total_size
+        ours.root = 0 if model.split_root else plan.total_size  # split: the root holds no parameters
         per_unit.append((plan.numel, plan.padding, plan.collectives))
         shapes = [s for _, s in unit]
         for name, rule in PEERS.items():
             size = rule(shapes, world)
             peers[name].total += size
             peers[name].collectives += 1
-            peers[name].root = size
+            peers[name].root = 0 if model.split_root else size
     return ours, peers, per_unit
 
 
@@ -113,6 +113,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model_shapes(args.model)
+    model.split_root = args.split_root
     granularity = parse_granularity(args.granularity)
     align = args.align_bytes // 4
     numel = model.numel
@@ -224,6 +225,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-buffers", type=_positive, default=1, help="buffers (collectives) a unit may use")
     p.add_argument("--align-bytes", type=_positive, default=16, help="alignment of offsets and S, in bytes (fp32)")
     p.add_argument("--per-unit", action="store_true", help="also print every unit")
+    p.add_argument("--split-root", action="store_true",
+                   help="torchtitan's wrapping: the embedding one unit, the final norm and head another")  # fmt: skip
     p.add_argument("--plot", help="draw padding against W for every system into this PNG")
     p.set_defaults(func=_run_checked)
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from .state_dict_hooks import ASSIGN_REFUSED
 from .unit import ShardedUnit, ShardState
 
 _NO_MIXED_PRECISION = MixedPrecisionPolicy()
+_applying: contextvars.ContextVar[bool] = contextvars.ContextVar("scalestack_applying", default=False)
 
 
 class UnshardHandle:
@@ -65,12 +67,14 @@ class FSDPModule:
             unit.requires_gradient_sync = bool(requires_gradient_sync)
 
     def set_reshard_after_forward(self, reshard_after_forward: bool, *, recurse: bool = True) -> None:
-        """False: keep the full parameters from forward to backward (no re-gather, more memory)."""
+        """False: keep the full parameters from forward to backward (no re-gather, more memory); True: reshard
+        fully (also replacing an int given to fully_shard, as in FSDP2)."""
         if not isinstance(reshard_after_forward, bool):
             raise ValueError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
         for m in self.modules() if recurse else [self]:
             if (s := state_of(m)) is not None:
                 s.reshard_after_forward = reshard_after_forward
+                s.post_forward_group = None
 
     def set_reshard_after_backward(self, reshard_after_backward: bool, *, recurse: bool = True) -> None:
         """False: keep the full parameters after backward, so the next micro-batch's forward needs no gather.
@@ -100,7 +104,9 @@ class FSDPModule:
             ctx.reset()
 
     def _apply(self, fn: Callable, recurse: bool = True):  # .to(), .half(), .cuda(), to_empty() (nn.Module._apply)
-        units = _units_under(self, True)
+        if _applying.get():  # a unit nested in one being converted: the outermost call did the work
+            return super()._apply(fn, recurse)
+        units = _units_under(self, recurse)
         for unit in units:
             if unit.on_meta:  # to_empty(device=...) gives real, uninitialized shards; .to() of meta data raises
                 out = fn(torch.empty(1, dtype=unit.dtype, device="meta"))
@@ -127,9 +133,11 @@ class FSDPModule:
         shown = [(m, attr, m._parameters[attr]) for u in units for p in u.params for m, attr in p.uses]
         for m, attr, _ in shown:
             m._parameters[attr] = None
+        token = _applying.set(True)
         try:
             return super()._apply(fn, recurse)
         finally:
+            _applying.reset(token)
             for m, attr, t in shown:
                 m._parameters[attr] = t
 

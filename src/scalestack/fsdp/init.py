@@ -116,17 +116,24 @@ def build_unit(modules: list[nn.Module], groups: ShardGroups, mp_policy: MixedPr
     return unit
 
 
+def name_units(top: nn.Module) -> None:
+    """Name every unit under ``top`` by its module's place in the model (errors and profiles use it)."""
+    for name, m in top.named_modules():
+        if (s := state_of(m)) is not None and s.unit is not None:
+            s.unit.name = name or "<root>"
+
+
 def lazy_init(root: FSDPState) -> None:
     """At the first forward: the outermost unit becomes the root and ranks check they agree on shapes."""
     top = root.modules[0]
     names = {m: name for name, m in top.named_modules()}
     states = list(dict.fromkeys(s for m in top.modules() if (s := state_of(m)) is not None))
-    on_meta = [names.get(s.modules[0]) or "<root>" for s in states if s.unit is not None and s.unit.on_meta]
+    on_meta = [n for n, t in (*top.named_parameters(), *top.named_buffers()) if t.is_meta]
     if on_meta:
         raise RuntimeError(
-            f"the parameters of {', '.join(repr(n) for n in on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} are "
-            "still on the meta device: call scalestack.materialize(model) (or model.to_empty(device=...) and your "
-            "init functions, or scalestack.checkpoint.load) before the first forward"
+            f"{', '.join(repr(n) for n in on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} "
+            "are still on the meta device: call scalestack.materialize(model) (or model.to_empty(device=...) and "
+            "your init functions, or scalestack.checkpoint.load) before the first forward"
         )
     for s in states:
         if s.ctx is not None:
@@ -138,13 +145,13 @@ def lazy_init(root: FSDPState) -> None:
             raise ValueError("all units under one root must use the same process group / mesh")
     ctx = StepContext(states)
     ctx.is_last_backward = root.is_last_backward
+    name_units(top)
     for s in states:
         s.ctx = ctx
         s.is_root = s is root
         if s.unit is not None:
-            s.unit.name = names.get(s.modules[0]) or "<root>"
             s.unit.on_gradient = ctx.free_finished_reduces
             s.unit.advance_reduces = ctx.issue_replica_reduces
     units = [s.unit for s in states if s.unit is not None]
     device = units[0].device if units else torch.device("cpu")
-    check_ranks_agree(units, root.group, device)
+    check_ranks_agree(units, units[0].mesh_group if units else root.group, device)  # HSDP: replicas too

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from . import collectives as comm
 from .state import state_of
 from .unit import ShardedUnit
 
@@ -208,54 +209,142 @@ def allocate_for_load(model: nn.Module, strict: bool) -> None:
             "this model is on the meta device: load it with strict=True (a tensor the checkpoint lacks would stay "
             "uninitialized), or call scalestack.materialize(model) first"
         )
-    transient = [fqn for fqn, m, name, is_param in loose if not is_param and name in m._non_persistent_buffers_set]
-    if transient:
+    transient = [(fqn, m) for fqn, m, name, is_param in loose if not is_param and name in m._non_persistent_buffers_set]
+    if any(m._parameters for _, m in transient):
         raise ValueError(
-            f"buffers {transient[:3]} of this meta-device model are not saved in checkpoints (non-persistent), so "
-            "a load cannot fill them: call scalestack.materialize(model) first (init recomputes them), then load"
+            f"buffers {[f for f, _ in transient][:3]} of this meta-device model are not saved in checkpoints "
+            "(non-persistent) and their modules hold parameters: call scalestack.materialize(model) first, then load"
         )
     allocate_meta(model, default_device(units), units)
+    recompute = {m for _, m in transient}  # parameter-free modules (rotary embeddings): their init computes them
+    with torch.no_grad():
+        for _, module, fn in _construction(model, None):
+            if module in recompute:
+                fn(module)
+    unset = [fqn for fqn, m in transient if (t := _buffer(m, fqn)).is_floating_point() and torch.isnan(t).any()]
+    if unset:
+        raise ValueError(
+            f"buffers {unset[:3]} are not saved in checkpoints and their modules' reset_parameters()/_init_weights "
+            "did not compute them: call scalestack.materialize(model, init=...) first, then load"
+        )
+
+
+def _buffer(module: nn.Module, fqn: str) -> torch.Tensor:
+    return module._buffers[fqn.rsplit(".", 1)[-1]]
 
 
 def default_device(units: list[ShardedUnit]) -> torch.device:
     """The current CUDA device for units on an NCCL group, else the CPU."""
     group = units[0].group if units else None
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+    if torch.cuda.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _check_written(units: list[ShardedUnit], loose: list[tuple[str, torch.Tensor]]) -> None:
-    for unit in units:
-        for p in unit.params:
-            if torch.isnan(p.sharded).any():
-                raise RuntimeError(
-                    f"materialize: parameter {p.fqn!r} was not initialized: its module has no reset_parameters() "
-                    "and init did not write it. Pass init=fn that initializes it (fn(module) is called on every "
-                    "module)"
-                )
-    for fqn, t in loose:
+def _agree_written(units: list[ShardedUnit], loose: list[tuple[str, torch.Tensor]]) -> None:
+    """Every rank raises if a parameter some rank holds was never written (NaN): a rank that holds nothing
+    of it must not go on alone into its first collective."""
+    problem = next((p.fqn for u in units for p in u.params if torch.isnan(p.sharded).any()), None)
+    if problem is not None:
+        problem = f"parameter {problem!r} was not initialized (no reset_parameters() and init did not write it)"
+    for fqn, t in loose if problem is None else ():
         if t.is_floating_point() and torch.isnan(t).any():
-            raise RuntimeError(
-                f"materialize: {fqn!r} was not initialized by reset_parameters() or init. A buffer computed in "
-                "the constructor must be computed again by init(module) (it was never computed on the meta device)"
-            )
+            problem = f"{fqn!r} was not initialized by reset_parameters() or init"
+    if units and not comm.single_process(units[0].mesh_group):
+        flag = torch.tensor([problem is not None], dtype=torch.int32, device=units[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=units[0].mesh_group)
+        if problem is None and flag.item():
+            problem = "another rank found a parameter that nothing initialized (its error names it)"
+    if problem is not None:
+        raise RuntimeError(
+            f"materialize: {problem}. Pass init=fn that initializes it (fn(module) is called on every module); "
+            "a buffer the constructor computes must be computed again by init (it never was on the meta device). "
+            "The model is back on the meta device"
+        )
 
 
-def materialize(model: nn.Module, device: torch.device | str | None = None, init: InitFn | None = None) -> nn.Module:
+def _init_in_order(model: nn.Module, units: list[ShardedUnit], device: torch.device, init: InitFn | None,
+                   tied: str) -> None:  # fmt: skip
+    owners = _owners(model)
+    key = {(id(m), attr): id(p) for u in units for p in u.params for m, attr in p.uses}  # stable across reopening
+    opened = _OpenUnit(device)
+    for unit in units:
+        opened.show_unavailable(unit)
+    first_writer: dict[int, nn.Module] = {}
+    try:
+        with torch.no_grad():
+            for name, module, fn in _construction(model, init):
+                opened.open(owners[module])
+                _Unavailable.current_module = name
+                _init_module(module, fn, key, first_writer if tied == "first" else None)
+    finally:
+        _Unavailable.current_module = ""
+        opened.close()
+        for unit in units:
+            unit._to_sharded()
+
+
+def _init_module(module: nn.Module, fn: InitFn, key: dict, first_writer: dict[int, nn.Module] | None) -> None:
+    """``fn(module)``; a parameter tied to one an earlier module initialized keeps that module's values
+    (``first_writer`` given), though ``fn`` still draws its random numbers. Its own frame, so nothing of
+    the open unit outlives the call."""
+    if first_writer is None:
+        fn(module)
+        return
+    own = [(key.get((id(module), a), id(t)), t) for a, t in module._parameters.items() if t is not None]
+    kept = [(t, t.clone()) for k, t in own if first_writer.setdefault(k, module) is not module]
+    fn(module)
+    for t, before in kept:
+        t.copy_(before)
+
+
+def _zero_padding(units: list[ShardedUnit]) -> None:
+    """The gaps between pieces hold no parameter: zeros, not whatever the storage held."""
+    for unit in units:
+        for index, b in enumerate(unit.buffers):
+            covered = torch.zeros(b.shard.numel(), dtype=torch.bool, device=b.shard.device)
+            for p in unit.params:
+                if p.buffer_index == index:
+                    covered[p.piece.local_offset : p.piece.local_offset + p.piece.numel] = True
+            b.shard.masked_fill_(~covered, 0)
+
+
+def _back_to_meta(units: list[ShardedUnit], loose: list[tuple[str, torch.Tensor]], model: nn.Module) -> None:
+    """After a failed materialize: the model is as before it (on meta), so nothing half-initialized trains
+    and a corrected call can run."""
+    meta = torch.device("meta")
+    for unit in units:
+        unit.allocate(meta)
+    buffers = {id(t): (m, n) for m in model.modules() for n, t in m._buffers.items() if t is not None}
+    for _, t in loose:
+        if id(t) in buffers:
+            module, name = buffers[id(t)]
+            module._buffers[name] = torch.empty_like(t, device=meta)
+        else:
+            torch.utils.swap_tensors(t, nn.Parameter(torch.empty_like(t, device=meta), requires_grad=t.requires_grad))
+
+
+def materialize(model: nn.Module, device: torch.device | str | None = None, init: InitFn | None = None, *,
+                tied: str = "first") -> nn.Module:  # fmt: skip
     """Give a model built under ``torch.device("meta")`` and passed to ``fully_shard`` its real parameters,
     bitwise those of plain construction with the same seed, holding at most one unit in full at a time.
 
     Replays plain construction: every module's ``reset_parameters()``, then ``init(module)`` (default: the
-    model's ``_init_weights`` when it has one, as nanoGPT and Hugging Face models do), each pass over all
-    modules in ``model.apply`` order. ``device``: default the current CUDA device under NCCL, else the CPU.
-    Returns ``model``.
+    model's ``_init_weights`` when it has one, as Hugging Face models do), in construction order (see the
+    module doc). ``tied="first"``: a parameter shared by several modules keeps the values of the first one
+    that initialized it (the tie was made after initialization: Hugging Face, our GPT); ``"last"``: the
+    last one's (tied before the init pass, as nanoGPT does). ``device``: default the current CUDA device
+    under NCCL, else the CPU. A collective over the model's ranks at the end (they agree that every
+    parameter was initialized). Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"materialize takes an nn.Module, got {type(model).__name__}")
     if init is not None and not callable(init):
         raise TypeError(f"init must be a callable init(module), got {init!r:.80}")
+    if tied not in ("first", "last"):
+        raise ValueError(f"tied must be 'first' or 'last', got {tied!r}")
     from .api import units as units_of  # the api module imports this one
+    from .init import name_units
 
     units = units_of(model)
     meta_units = [u for u in units if u.on_meta]
@@ -272,32 +361,15 @@ def materialize(model: nn.Module, device: torch.device | str | None = None, init
     device = torch.device(device) if device is not None else default_device(units)
     if device.type == "meta":
         raise ValueError("materialize: device must be a real device (cpu, cuda, ...), not meta")
-    for name, m in model.named_modules():  # errors name units by their place in the model
-        if (s := state_of(m)) is not None and s.unit is not None:
-            s.unit.name = name or "<root>"
+    name_units(model)  # errors name units by their place in the model
     loose = allocate_meta(model, device, units)
-    owners = _owners(model)
-    key = {(id(m), attr): id(p) for u in units for p in u.params for m, attr in p.uses}  # stable across reopening
-    opened = _OpenUnit(device)
-    for unit in units:
-        opened.show_unavailable(unit)
     try:
-        with torch.no_grad():
-            first_writer: dict[int, nn.Module] = {}  # tied parameters keep their first module's values
-            for name, module, fn in _construction(model, init):
-                opened.open(owners[module])
-                _Unavailable.current_module = name
-                own = [(key.get((id(module), a), id(t)), t) for a, t in module._parameters.items() if t is not None]
-                tied = [(t, t.clone()) for k, t in own if first_writer.setdefault(k, module) is not module]
-                fn(module)
-                for t, before in tied:
-                    t.copy_(before)
-    finally:
-        _Unavailable.current_module = ""
-        opened.close()
-        for unit in units:
-            unit._to_sharded()
-    _check_written(units, loose)
+        _init_in_order(model, units, device, init, tied)
+        _zero_padding(units)
+        _agree_written(units, loose)
+    except BaseException:
+        _back_to_meta(units, loose, model)
+        raise
     return model
 
 

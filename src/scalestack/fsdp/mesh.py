@@ -74,29 +74,45 @@ def _whole_world(*rows: list[int]) -> tuple[tuple[int, ...], ...] | None:
     return tuple(tuple(row) for row in rows)
 
 
-_post_forward_groups: dict[tuple[int, ...], ProcessGroup] = {}
+_blocks_of: dict[tuple, dict[tuple[int, ...], ProcessGroup]] = {}  # (shard rows, n) -> every block's group
+_local_blocks: dict[tuple[int, ...], ProcessGroup] = {}  # blocks created by their members only
 
 
-def _existing_group(ranks: tuple[int, ...]) -> ProcessGroup | None:
+def _alive(group: ProcessGroup) -> bool:
+    """Still registered (a group outlives nothing: destroy_process_group clears them all)."""
+    return group in getattr(dist.distributed_c10d._world, "pg_group_ranks", {})
+
+
+def _existing_group(ranks: tuple[int, ...], backend: str) -> ProcessGroup | None:
     table = getattr(dist.distributed_c10d._world, "pg_group_ranks", {})
-    return next((g for g, members in table.items() if tuple(sorted(members)) == ranks), None)
+    for group, members in table.items():
+        if tuple(sorted(members)) == ranks and str(dist.get_backend(group)) == backend:
+            return group
+    return None
 
 
 def post_forward_group(groups: ShardGroups, n: int) -> ProcessGroup:
     """The block of n consecutive ranks of this rank's shard group that holds it. When the shard groups cover
-    the world every rank creates every block, in one order (torch's usual rule for new groups); otherwise
-    only a block's members create it."""
+    the world, every rank creates every block in one order (torch's usual rule for new groups), once per
+    (rows, n); otherwise only a block's members create it."""
     ranks = dist.get_process_group_ranks(groups.shard)
     first = dist.get_rank(groups.shard) // n * n
     mine = tuple(ranks[first : first + n])
-    if mine not in _post_forward_groups:
-        if groups.shard_rows is None:  # torch names such a group by its ranks: reuse one that exists
-            existing = _existing_group(mine)
-            _post_forward_groups[mine] = existing or dist.new_group(list(mine), use_local_synchronization=True)
-        else:
-            for row in groups.shard_rows:
-                for i in range(0, len(row), n):
-                    block = row[i : i + n]
-                    group = dist.new_group(list(block))
-                    _post_forward_groups.setdefault(block, group)
-    return _post_forward_groups[mine]
+    if groups.shard_rows is None:  # torch names such a group by its ranks: reuse one that exists
+        group = _local_blocks.get(mine)
+        if group is None or not _alive(group):
+            backend = str(dist.get_backend(groups.shard))
+            group = _existing_group(tuple(sorted(mine)), backend) or dist.new_group(
+                list(mine), use_local_synchronization=True
+            )
+            _local_blocks[mine] = group
+        return group
+    key = (groups.shard_rows, n)
+    blocks = _blocks_of.get(key)
+    if blocks is None or not all(_alive(g) for g in blocks.values()):  # the same on every rank: all call it
+        blocks = {}
+        for row in groups.shard_rows:
+            for i in range(0, len(row), n):
+                blocks[row[i : i + n]] = dist.new_group(list(row[i : i + n]))
+        _blocks_of[key] = blocks
+    return blocks[mine]

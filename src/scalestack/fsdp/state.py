@@ -24,7 +24,7 @@ from torch.distributed import ProcessGroup
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .mixed_precision import MixedPrecisionPolicy
-from .unit import ShardedUnit, TrainingState
+from .unit import ShardedUnit, ShardState, TrainingState
 
 _dynamo_disable = torch._dynamo.disable  # hooks stay eager under torch.compile (Dynamo graph-breaks around them)
 
@@ -118,6 +118,9 @@ class StepContext:
     def begin_forward(self) -> None:
         if self.state is StepState.BACKWARD:  # a backward that never reached its end
             self.end_backward()
+        for s in self.states:  # partial copies of a forward no backward followed may be stale (a step since)
+            if s.unit is not None and s.unit.state is ShardState.PARTLY_SHARDED:
+                s.unit.reshard()
         if self.forward_order:
             order = list(dict.fromkeys(self.forward_order))
             self._forward_next = dict(zip(order, order[1:]))

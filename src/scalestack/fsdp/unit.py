@@ -418,8 +418,15 @@ class ShardedUnit:
 
     # ---------------------------------------------------------------- recovery
     def reset(self) -> None:
-        """Back to sharded and idle after a step that failed half-way (``FSDPModule.reset_iter_state``)."""
-        self.finish_reduce()
+        """Back to sharded and idle after a step that failed half-way (``FSDPModule.reset_iter_state``): waits
+        for what is in flight, issues nothing new (the failure may have hit one rank only)."""
+        for r in self._pending:
+            for work in (r.work, r.replicas):
+                if work is not None:
+                    work.wait()
+        if self._pending_flags is not None and self._pending_flags[0] is not None:
+            self._pending_flags[0].wait()
+        self._pending, self._pending_flags, self._replicas_issued = [], None, False
         for p in self.params:
             p.unsharded.grad = None
         for b in self.buffers:

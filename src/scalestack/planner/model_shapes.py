@@ -20,19 +20,23 @@ class ModelShapes:
     name: str
     blocks: list[list[tuple[str, Shape]]]  # one list of (name, shape) per transformer block
     root: list[tuple[str, Shape]]  # embeddings, final norm, head: the root unit
+    split_root: bool = False  # torchtitan's wrapping: the embedding one unit, the final norm and head another
 
     @property
     def numel(self) -> int:
         return sum(math.prod(s) for unit in [*self.blocks, self.root] for _, s in unit)
 
     def units(self, blocks_per_unit: int = 1) -> list[list[tuple[str, Shape]]]:
-        """Tensors per sharded unit: ``blocks_per_unit`` consecutive blocks each, then the root."""
+        """Tensors per sharded unit: ``blocks_per_unit`` consecutive blocks each, then the root (with
+        ``split_root``: the embedding first, the blocks, then the final norm and head)."""
         if blocks_per_unit < 1:
             raise ValueError(f"blocks per unit must be positive, got {blocks_per_unit}")
         units = [
             [t for block in self.blocks[i : i + blocks_per_unit] for t in block]
             for i in range(0, len(self.blocks), blocks_per_unit)
         ]
+        if self.split_root:
+            return [self.root[:1], *units, self.root[1:]]
         return [*units, self.root]
 
 
