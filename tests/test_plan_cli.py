@@ -151,3 +151,17 @@ def test_auto_unit_is_the_fewest_blocks_meeting_the_target(capsys):
     assert code == 0 and f"W=256: {blocks} block(s) per unit" in out
     code, _, err = run_cli(capsys, "llama3-8b", "--unit", "auto", "--target-padding", "-1")
     assert code == 2 and "--target-padding" in err
+
+
+def test_split_root_wraps_embedding_and_head_apart():
+    """torchtitan's wrapping: embedding, blocks, then final norm + head; no unit stays gathered for backward."""
+    model = load_model_shapes("llama3-8b")
+    merged, _, merged_units = plan_model(model, 64, parse_granularity("element"), 1, 1, 4)
+    model.split_root = True
+    units = model.units()
+    assert [name for name, _ in units[0]] == ["embed_tokens.weight"]
+    assert [name for name, _ in units[-1]] == ["norm.weight", "lm_head.weight"]
+    split, _, split_units = plan_model(model, 64, parse_granularity("element"), 1, 1, 4)
+    assert len(split_units) == len(merged_units) + 1
+    assert split.all_gathered == 2 * split.total  # every unit gathered again in backward
+    assert merged.all_gathered == 2 * merged.total - merged.root and merged.root > 0
