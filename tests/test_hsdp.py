@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import scalestack as ss
 from scalestack.fsdp.api import units
-from scalestack.optim import AdamW8bit
+from scalestack.optim import AdamW8bit, Muon, muon_param_groups
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -85,8 +85,13 @@ def test_hsdp_matches_unsharded(pool, world, replicas, micro):
     all_reduces = [c for c in log if c.kind == "all_reduce"]
     assert len(reduce_scatters) == n_units * steps
     assert {c.ranks for c in reduce_scatters} == {world // replicas}
+    assert {c.ranks for c in log if c.kind == "all_gather"} == {world // replicas}
     if replicas > 1:
         assert len(all_reduces) == n_units * steps and {c.ranks for c in all_reduces} == {replicas}
+        # overlapped: the first all-reduce is issued while later units' reduce-scatters are still to come
+        ends = [i for i, c in enumerate(log) if c.kind == "reduce_scatter"]
+        first_step = log[: ends[n_units - 1] + 1]
+        assert any(c.kind == "all_reduce" for c in first_step)
         # each all-reduce carries the reduce-scatter's output: 1/shard_size of the unit's gradient
         shard_size = world // replicas
         assert sorted(c.elements for c in all_reduces) == sorted(c.elements // shard_size for c in reduce_scatters)
@@ -142,10 +147,11 @@ def _bad_meshes(rank, world, group):
         ss.fully_shard(model.blocks[0], mesh=hsdp_mesh(rank, world, group, 2), reshard_after_forward=4)
 
 
-def optimizer_case(rank, world, group, hsdp):
-    """AdamW8bit under HSDP 2x2 and plain FSDP over a pair: the same shard layout, the same global batch."""
+def optimizer_case(rank, world, group, hsdp, kind):
+    """AdamW8bit or Muon (+ AdamW) under HSDP 2x2 and plain FSDP over a pair: the same shard layout, the
+    same global batch."""
     _, model = make("plain")
-    blocks = AdamW8bit.granularity(256)
+    blocks = AdamW8bit.granularity(256) if kind == "adamw8bit" else None
     if hsdp:
         shard(model, hsdp_mesh(rank, world, group, 2), granularity=blocks)
         data_rank, data_world = rank, world
@@ -153,19 +159,25 @@ def optimizer_case(rank, world, group, hsdp):
         pair = hsdp_mesh(rank, world, group, 2)["shard"]  # plain FSDP over the same pairs, 1-D
         shard(model, pair, granularity=blocks)
         data_rank, data_world = rank % 2, 2
-    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    if kind == "adamw8bit":
+        opts = [AdamW8bit(model.parameters(), lr=1e-2)]
+    else:
+        matrices, rest = muon_param_groups(model)
+        opts = [Muon([p for _, p in matrices], lr=0.02), torch.optim.AdamW([p for _, p in rest], lr=1e-2)]
     losses = []
     for x, y, route in batches(4):
         loss = model(*(local(t, data_rank, data_world) for t in (x, y, route)))
         loss.backward()
-        opt.step(), opt.zero_grad()
+        for opt in opts:
+            opt.step(), opt.zero_grad()
         losses.append(global_mean(loss, group, world) if hsdp else loss.item())
     return losses, ss.full_state_dict(model)
 
 
-def test_adamw8bit_under_hsdp_equals_fsdp_over_the_shard_group(pool):
-    hsdp = pool.run(optimizer_case, 4, True)[0]
-    plain = pool.run(optimizer_case, 4, False)[0]  # each pair trains on the whole batch alone
+@pytest.mark.parametrize("kind", ["adamw8bit", "muon"])
+def test_optimizers_under_hsdp_equal_fsdp_over_the_shard_group(pool, kind):
+    hsdp = pool.run(optimizer_case, 4, True, kind)[0]
+    plain = pool.run(optimizer_case, 4, False, kind)[0]  # each pair trains on the whole batch alone
     for key, value in plain[1].items():
         torch.testing.assert_close(hsdp[1][key], value, rtol=1e-5, atol=1e-6)
 

@@ -186,6 +186,15 @@ def test_materialize_peak_memory_is_the_shards_plus_one_unit(pool):
         assert peak_mib < 0.6 * model_mib, (peak_mib, model_mib)
 
 
+class IntegerBuffer(nn.Module):
+    """A buffer the constructor computes: on meta it never was, and no init here computes it again."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("positions", torch.arange(8), persistent=False)
+
+
 class NoReset(nn.Module):
     """A parameter that neither reset_parameters() nor an init writes."""
 
@@ -220,6 +229,12 @@ def bad_input_case(rank, world, group):
     shard(bare, [bare.a], group)
     with pytest.raises(RuntimeError, match=r"parameter 'w' was not initialized"):
         ss.materialize(bare)
+    with torch.device("meta"):
+        counted = IntegerBuffer()
+    shard(counted, [], group)
+    with pytest.raises(RuntimeError, match=r"'positions' was not initialized"):
+        ss.materialize(counted)
+    assert counted.positions.is_meta and counted.proj.weight.is_meta  # rolled back
     ready = shard(GPT(GPTConfig(vocab_size=96, n_embd=48, n_head=4, n_layer=2)), [], group)
     with pytest.raises(ValueError, match="nothing of this model is on the meta device"):
         ss.materialize(ready)

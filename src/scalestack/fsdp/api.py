@@ -48,6 +48,8 @@ class FSDPModule:
         """All-gather this unit's parameters; with ``async_op`` return a handle to ``wait()`` on."""
         unit = state_of(self).unit
         if unit is not None:
+            if unit.state is ShardState.PARTLY_SHARDED:  # partial copies serve backward only: maybe stale now
+                unit.reshard()
             unit.unshard(async_op=True)
         handle = UnshardHandle(unit)
         if async_op:

@@ -119,7 +119,7 @@ def build_unit(modules: list[nn.Module], groups: ShardGroups, mp_policy: MixedPr
 def name_units(top: nn.Module) -> None:
     """Name every unit under ``top`` by its module's place in the model (errors and profiles use it)."""
     for name, m in top.named_modules():
-        if (s := state_of(m)) is not None and s.unit is not None:
+        if (s := state_of(m)) is not None and s.unit is not None and m is s.modules[0]:  # a list: its first
             s.unit.name = name or "<root>"
 
 

@@ -19,7 +19,7 @@ What this asks of an init function (the docs say it to users):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -164,24 +164,41 @@ def _construction(model: nn.Module, init: InitFn | None) -> Iterator[tuple[str, 
 
 def _loose_meta(model: nn.Module, units: list[ShardedUnit]) -> list[tuple[str, nn.Module, str, bool]]:
     """Meta parameters outside every unit (ignored ones) and meta buffers: (fqn, module, name, is_param)."""
-    managed = {id(p.sharded) for u in units for p in u.params}
+    seen = {id(p.sharded) for u in units for p in u.params}
     out = []
     for prefix, m in model.named_modules(remove_duplicate=True):
         for kind, table in ((True, m._parameters), (False, m._buffers)):
             for name, t in table.items():
-                if t is not None and t.is_meta and id(t) not in managed:
+                if t is not None and t.is_meta and id(t) not in seen:  # a tied tensor once, at its first name
+                    seen.add(id(t))
                     out.append((f"{prefix}.{name}" if prefix else name, m, name, kind))
     return out
 
 
-def allocate_meta(model: nn.Module, device: torch.device, units: list[ShardedUnit]) -> list[tuple[str, torch.Tensor]]:
-    """Give every meta tensor of ``model`` uninitialized storage on ``device`` (NaN for floats); return the
-    tensors outside units that got it, with their names."""
+class _Loose(NamedTuple):
+    """A meta tensor outside every unit (an ignored parameter, a buffer) given storage, and the version its
+    storage had then: unchanged afterwards means nothing wrote it, whatever its dtype."""
+
+    fqn: str
+    module: nn.Module
+    name: str
+    is_param: bool
+    tensor: torch.Tensor
+    version: int
+
+    def current(self) -> torch.Tensor | None:
+        return (self.module._parameters if self.is_param else self.module._buffers).get(self.name)
+
+    def unwritten(self) -> bool:
+        return self.current() is self.tensor and self.tensor._version == self.version
+
+
+def allocate_meta(model: nn.Module, device: torch.device, units: list[ShardedUnit]) -> list[_Loose]:
+    """Give every meta tensor of ``model`` storage on ``device``: units zeroed shards, the others empty
+    storage (NaN for floats); return those others."""
     for unit in units:
         if unit.on_meta:
             unit.allocate(device)
-            for b in unit.buffers:
-                _fill_missing(b.shard)
     out = []
     for fqn, module, name, is_param in _loose_meta(model, units):
         t = getattr(module, name)
@@ -191,7 +208,7 @@ def allocate_meta(model: nn.Module, device: torch.device, units: list[ShardedUni
             real = t
         else:
             module._buffers[name] = real
-        out.append((fqn, real))
+        out.append(_Loose(fqn, module, name, is_param, real, real._version))
     return out
 
 
@@ -209,28 +226,24 @@ def allocate_for_load(model: nn.Module, strict: bool) -> None:
             "this model is on the meta device: load it with strict=True (a tensor the checkpoint lacks would stay "
             "uninitialized), or call scalestack.materialize(model) first"
         )
-    transient = [(fqn, m) for fqn, m, name, is_param in loose if not is_param and name in m._non_persistent_buffers_set]
-    if any(m._parameters for _, m in transient):
+    transient = {m for _, m, name, is_param in loose if not is_param and name in m._non_persistent_buffers_set}
+    if any(p is not None for m in transient for p in m._parameters.values()):
+        names = [fqn for fqn, m, _, is_param in loose if m in transient and not is_param]
         raise ValueError(
-            f"buffers {[f for f, _ in transient][:3]} of this meta-device model are not saved in checkpoints "
-            "(non-persistent) and their modules hold parameters: call scalestack.materialize(model) first, then load"
+            f"buffers {names[:3]} of this meta-device model are not saved in checkpoints (non-persistent) and "
+            "their modules hold parameters: call scalestack.materialize(model) first, then load"
         )
-    allocate_meta(model, default_device(units), units)
-    recompute = {m for _, m in transient}  # parameter-free modules (rotary embeddings): their init computes them
-    with torch.no_grad():
+    allocated = allocate_meta(model, default_device(units), units)
+    with torch.no_grad():  # parameter-free modules (rotary embeddings): their init computes these buffers
         for _, module, fn in _construction(model, None):
-            if module in recompute:
+            if module in transient:
                 fn(module)
-    unset = [fqn for fqn, m in transient if (t := _buffer(m, fqn)).is_floating_point() and torch.isnan(t).any()]
+    unset = [x.fqn for x in allocated if x.module in transient and x.unwritten()]
     if unset:
         raise ValueError(
             f"buffers {unset[:3]} are not saved in checkpoints and their modules' reset_parameters()/_init_weights "
             "did not compute them: call scalestack.materialize(model, init=...) first, then load"
         )
-
-
-def _buffer(module: nn.Module, fqn: str) -> torch.Tensor:
-    return module._buffers[fqn.rsplit(".", 1)[-1]]
 
 
 def default_device(units: list[ShardedUnit]) -> torch.device:
@@ -241,26 +254,31 @@ def default_device(units: list[ShardedUnit]) -> torch.device:
     return torch.device("cpu")
 
 
-def _agree_written(units: list[ShardedUnit], loose: list[tuple[str, torch.Tensor]]) -> None:
-    """Every rank raises if a parameter some rank holds was never written (NaN): a rank that holds nothing
-    of it must not go on alone into its first collective."""
-    problem = next((p.fqn for u in units for p in u.params if torch.isnan(p.sharded).any()), None)
-    if problem is not None:
-        problem = f"parameter {problem!r} was not initialized (no reset_parameters() and init did not write it)"
-    for fqn, t in loose if problem is None else ():
-        if t.is_floating_point() and torch.isnan(t).any():
-            problem = f"{fqn!r} was not initialized by reset_parameters() or init"
-    if units and not comm.single_process(units[0].mesh_group):
-        flag = torch.tensor([problem is not None], dtype=torch.int32, device=units[0].device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=units[0].mesh_group)
-        if problem is None and flag.item():
-            problem = "another rank found a parameter that nothing initialized (its error names it)"
-    if problem is not None:
-        raise RuntimeError(
-            f"materialize: {problem}. Pass init=fn that initializes it (fn(module) is called on every module); "
-            "a buffer the constructor computes must be computed again by init (it never was on the meta device). "
-            "The model is back on the meta device"
-        )
+def _unwritten(units: list[ShardedUnit], loose: list[_Loose]) -> str | None:
+    """The first parameter or buffer that nothing initialized (its piece still NaN, or its storage untouched)."""
+    for unit in units:
+        for p in unit.params:
+            if torch.isnan(p.sharded).any():
+                return (
+                    f"parameter {p.fqn!r} was not initialized (unit {unit.name!r}: no reset_parameters(), and init "
+                    "did not write it)"
+                )
+    for x in loose:
+        if x.unwritten():
+            return f"{x.fqn!r} was not initialized by reset_parameters() or init"
+    return None
+
+
+def _agree(problem: str | None, units: list[ShardedUnit]) -> str | None:
+    """Every rank learns whether any rank failed (one small all-reduce): none goes on alone into its first
+    collective. A rank that holds nothing of a broken parameter gets a pointer to the one that does."""
+    if not units or comm.single_process(units[0].mesh_group):
+        return problem
+    flag = torch.tensor([problem is not None], dtype=torch.int32, device=units[0].device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=units[0].mesh_group)
+    if problem is None and flag.item():
+        return "another rank failed to initialize a parameter (its error names it)"
+    return problem
 
 
 def _init_in_order(model: nn.Module, units: list[ShardedUnit], device: torch.device, init: InitFn | None,
@@ -309,19 +327,17 @@ def _zero_padding(units: list[ShardedUnit]) -> None:
             b.shard.masked_fill_(~covered, 0)
 
 
-def _back_to_meta(units: list[ShardedUnit], loose: list[tuple[str, torch.Tensor]], model: nn.Module) -> None:
+def _back_to_meta(units: list[ShardedUnit], loose: list[_Loose]) -> None:
     """After a failed materialize: the model is as before it (on meta), so nothing half-initialized trains
     and a corrected call can run."""
     meta = torch.device("meta")
     for unit in units:
         unit.allocate(meta)
-    buffers = {id(t): (m, n) for m in model.modules() for n, t in m._buffers.items() if t is not None}
-    for _, t in loose:
-        if id(t) in buffers:
-            module, name = buffers[id(t)]
-            module._buffers[name] = torch.empty_like(t, device=meta)
-        else:
-            torch.utils.swap_tensors(t, nn.Parameter(torch.empty_like(t, device=meta), requires_grad=t.requires_grad))
+    for x in loose:
+        if x.is_param:
+            torch.utils.swap_tensors(x.tensor, nn.Parameter(torch.empty_like(x.tensor, device=meta)))
+        else:  # by name: an init may have re-bound the buffer
+            x.module._buffers[x.name] = torch.empty_like(x.tensor, device=meta)
 
 
 def materialize(model: nn.Module, device: torch.device | str | None = None, init: InitFn | None = None, *,
@@ -363,13 +379,26 @@ def materialize(model: nn.Module, device: torch.device | str | None = None, init
         raise ValueError("materialize: device must be a real device (cpu, cuda, ...), not meta")
     name_units(model)  # errors name units by their place in the model
     loose = allocate_meta(model, device, units)
+    for unit in units:  # NaN until written: what no init wrote is found afterwards
+        for b in unit.buffers:
+            _fill_missing(b.shard)
+    error: BaseException | None = None
     try:
         _init_in_order(model, units, device, init, tied)
         _zero_padding(units)
-        _agree_written(units, loose)
-    except BaseException:
-        _back_to_meta(units, loose, model)
-        raise
+        problem = _unwritten(units, loose)
+    except Exception as e:  # still agree with the other ranks before raising, or they would wait forever
+        error, problem = e, f"init failed on this rank: {e}"
+    problem = _agree(problem, units)
+    if problem is not None:
+        _back_to_meta(units, loose)
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            f"materialize: {problem}. Pass init=fn that initializes it (fn(module) is called on every module); "
+            "a buffer the constructor computes must be computed again by init (it never was on the meta device). "
+            "The model is back on the meta device"
+        )
     return model
 
 

@@ -95,15 +95,15 @@ def post_forward_group(groups: ShardGroups, n: int) -> ProcessGroup:
     """The block of n consecutive ranks of this rank's shard group that holds it. When the shard groups cover
     the world, every rank creates every block in one order (torch's usual rule for new groups), once per
     (rows, n); otherwise only a block's members create it."""
-    ranks = dist.get_process_group_ranks(groups.shard)
-    first = dist.get_rank(groups.shard) // n * n
+    ranks = sorted(dist.get_process_group_ranks(groups.shard))
+    first = ranks.index(dist.get_rank()) // n * n
     mine = tuple(ranks[first : first + n])
     if groups.shard_rows is None:  # torch names such a group by its ranks: reuse one that exists
         group = _local_blocks.get(mine)
         if group is None or not _alive(group):
             backend = str(dist.get_backend(groups.shard))
             group = _existing_group(tuple(sorted(mine)), backend) or dist.new_group(
-                list(mine), use_local_synchronization=True
+                list(mine), backend=backend, use_local_synchronization=True
             )
             _local_blocks[mine] = group
         return group
@@ -111,8 +111,10 @@ def post_forward_group(groups: ShardGroups, n: int) -> ProcessGroup:
     blocks = _blocks_of.get(key)
     if blocks is None or not all(_alive(g) for g in blocks.values()):  # the same on every rank: all call it
         blocks = {}
+        backend = str(dist.get_backend(groups.shard))
         for row in groups.shard_rows:
-            for i in range(0, len(row), n):
-                blocks[row[i : i + n]] = dist.new_group(list(row[i : i + n]))
+            ranked = tuple(sorted(row))  # a group's ranks in order, as torch gives them
+            for i in range(0, len(ranked), n):
+                blocks[ranked[i : i + n]] = dist.new_group(list(ranked[i : i + n]), backend=backend)
         _blocks_of[key] = blocks
     return blocks[mine]

@@ -148,10 +148,11 @@ class ShardedUnit:
         return self.device.type == "meta"
 
     def allocate(self, device: torch.device) -> None:
-        """Give a unit built on the meta device uninitialized shards on ``device``. The parameter objects stay
-        the same (their contents are swapped), so optimizers and references taken before keep working."""
-        for b in self.buffers:
-            b.shard = torch.empty(b.layout.shard_size, dtype=b.shard.dtype, device=device)
+        """Give a unit built on the meta device shards on ``device`` (zeros: no values yet). The parameter
+        objects stay the same (their contents are swapped), so optimizers and references taken before keep
+        working."""
+        for b in self.buffers:  # zeros: the padding between pieces must not hold garbage
+            b.shard = torch.zeros(b.layout.shard_size, dtype=b.shard.dtype, device=device)
             b.gather = torch.empty(b.layout.total_size, dtype=b.gather.dtype, device=device)
             b.grad = torch.empty_like(b.gather)
         for p in self.params:
