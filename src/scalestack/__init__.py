@@ -24,6 +24,7 @@ from .fsdp import (
 )
 from .optim import ShardedGradScaler, clip_grad_norm_
 from .planner import ElementBlocks, Layout, Plan, plan
+from .train import apply_fsdp
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "ShardedGradScaler",
     "Traffic",
     "UnshardHandle",
+    "apply_fsdp",
     "checkpoint",
     "clip_grad_norm_",
     "full_state_dict",
