@@ -86,3 +86,38 @@ def test_unknown_architecture_gets_the_manual_alternative():
         ss.apply_fsdp(Odd())
     with pytest.raises(TypeError, match="takes an nn.Module"):
         ss.apply_fsdp("model")
+
+
+def summary_case(rank, world, group):
+    import logging
+
+    torch.manual_seed(0)
+    model = ss.apply_fsdp(build("llama"), mesh=group)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("scalestack")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        ids = torch.randint(0, VOCAB, (2, T))
+        before = ss.memory_summary(model)
+        loss_of(model, ids).backward()
+    finally:
+        logger.removeHandler(handler)
+    full = sum(p.numel() for p in build("llama").parameters())
+    shards = sum(p.numel() * p.element_size() for p in model.parameters())
+    return before, [r.getMessage() for r in records], full, shards
+
+
+def test_memory_summary_and_layout_log(pool):
+    summary, logs, full, shard_bytes = pool.run(summary_case, 2)[0]
+    lines = summary.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert set(rows) == {"<root>", "model.layers.0", "model.layers.1", "total"}
+    assert int(rows["total"][1].replace(",", "")) == full  # every parameter, once
+    assert float(rows["total"][3]) == pytest.approx(shard_bytes / 2**20, abs=0.01)  # padding only beyond pieces
+    assert all(r[-1] == "SHARDED" for name, r in rows.items() if name != "total")
+    assert len(logs) == 3 and all(m.startswith("unit ") and "padding" in m for m in logs)
+    with pytest.raises(ValueError, match="holds no unit"):
+        ss.memory_summary(nn.Linear(2, 2))

@@ -3,6 +3,7 @@
 from .api import FSDPModule, UnshardHandle, fully_shard, layout, register_fsdp_forward_method
 from .collectives import Traffic, record_collectives, reset_traffic, traffic
 from .materialize import materialize
+from .memory import memory_summary
 from .mixed_precision import MixedPrecisionPolicy
 from .param import ShardInfo, shard_info
 from .state_dict import full_state_dict, load_full_state_dict
@@ -18,6 +19,7 @@ __all__ = [
     "layout",
     "load_full_state_dict",
     "materialize",
+    "memory_summary",
     "record_collectives",
     "register_fsdp_forward_method",
     "reset_traffic",

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..planner.granularity import GranularityRule, cuts_for, resolve_granularity
 from ..planner.layout import TensorSpec
 from ..planner.search import Plan, plan_buffers
+from .memory import log_layouts
 from .mesh import ShardGroups
 from .mixed_precision import MixedPrecisionPolicy
 from .param import ManagedParam, ShardInfo, is_sharded
@@ -155,3 +156,4 @@ def lazy_init(root: FSDPState) -> None:
     units = [s.unit for s in states if s.unit is not None]
     device = units[0].device if units else torch.device("cpu")
     check_ranks_agree(units, units[0].mesh_group if units else root.group, device)  # HSDP: replicas too
+    log_layouts(units)
