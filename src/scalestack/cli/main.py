@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoint.directory import CheckpointError
 from ..planner.model_shapes import ConfigError
-from . import export, plan, retrieve
+from . import export, plan, retrieve, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_parser(sub)
     export.add_parser(sub)
     retrieve.add_parser(sub)
-    args = parser.parse_args(argv)
+    train.add_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    if extra and not getattr(args, "takes_overrides", False) or len(args.overrides) != len(extra):
+        parser.error(
+            f"unrecognized arguments: {' '.join(a for a in extra if a not in args.overrides) or ' '.join(extra)}"
+        )
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:

@@ -1,0 +1,49 @@
+"""Training data: byte-level tokens of a text or JSON-lines file, and batches whose order depends on the
+seed and the step only, never on the number of ranks (so a run resumed at another W sees the same data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SHIPPED_TEXT = Path(__file__).resolve().parents[3] / "data" / "public_domain.txt"
+BYTE_VOCAB = 256
+
+
+def load_tokens(path: str | None) -> torch.Tensor:
+    """UTF-8 bytes of the file as token ids (a .jsonl file: the "text" field of each line, newline-joined)."""
+    source = Path(path) if path is not None else SHIPPED_TEXT
+    if not source.is_file():
+        raise FileNotFoundError(f"training data {str(source)!r} not found (data.path)")
+    if source.suffix == ".jsonl":
+        lines = source.read_text(encoding="utf-8").splitlines()
+        text = "\n".join(json.loads(line)["text"] for line in lines if line.strip())
+    else:
+        text = source.read_text(encoding="utf-8")
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    if data.numel() < 2:
+        raise ValueError(f"training data {str(source)!r} is empty")
+    return data
+
+
+def global_batch(
+    tokens: torch.Tensor, step: int, size: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` sequences of step ``step`` (inputs and next-token targets), the same on every rank."""
+    if tokens.numel() <= seq_len + 1:
+        raise ValueError(f"the training data has {tokens.numel()} tokens, fewer than data.seq_len + 2 = {seq_len + 2}")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(tokens.numel() - seq_len - 1, (size,), generator=g)
+    x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    y = torch.stack([tokens[s + 1 : s + seq_len + 1] for s in starts.tolist()])
+    return x, y
+
+
+def rank_micro_batches(x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
+                       micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """This rank's contiguous share of the global batch, cut into micro-batches of ``micro`` sequences."""
+    share = x.shape[0] // world
+    xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    return [(xs[i : i + micro], ys[i : i + micro]) for i in range(0, share, micro)]

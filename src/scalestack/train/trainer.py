@@ -1,0 +1,198 @@
+"""The training loop of ``scalestack train``: build, shard, resume, train, checkpoint. Held in one's head
+like nanoGPT's: everything else (config, data, sharding) is a small function elsewhere.
+
+Every rank runs the same loop on its share of each global batch. The data order depends on the seed and
+the step only, and a checkpoint stores the step, so a resumed run (at any W) continues the same curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import checkpoint
+from ..fsdp import MixedPrecisionPolicy, materialize
+from ..models.gpt import GPT, GPTConfig
+from ..optim import AdamW8bit, Muon, clip_grad_norm_, muon_param_groups
+from .apply_fsdp import apply_fsdp, decoder_blocks
+from .config import Config, TrainConfigError, check_world
+from .data import BYTE_VOCAB, global_batch, load_tokens, rank_micro_batches
+
+GPT_SIZES = {  # built-in byte-level GPTs: (layers, heads, width)
+    "gpt-tiny": (2, 4, 64),
+    "gpt-small": (4, 4, 128),
+    "gpt-30m": (8, 8, 512),
+}
+
+
+def build_model(config: Config) -> nn.Module:
+    m, seq = config.model, config.data.seq_len
+    if m.name in GPT_SIZES:
+        layers, heads, width = GPT_SIZES[m.name]
+        return GPT(GPTConfig(vocab_size=BYTE_VOCAB, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
+    if m.name != "hf":
+        raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(GPT_SIZES)}, or hf")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if m.hf_dir is not None and any(Path(m.hf_dir).glob("*.safetensors")) and not config.train.meta_init:
+        return AutoModelForCausalLM.from_pretrained(m.hf_dir, local_files_only=True)
+    source = m.hf_dir or m.hf_config
+    if source is None:
+        raise TrainConfigError("model.name = 'hf' needs model.hf_config (a config.json) or model.hf_dir")
+    hf = AutoConfig.from_pretrained(source, local_files_only=True)
+    if getattr(hf, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
+        raise TrainConfigError(f"the model's vocab_size {hf.vocab_size} is below the 256 byte-level tokens")
+    return AutoModelForCausalLM.from_config(hf)
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, GPT):
+        return model(x, y)
+    logits = model(input_ids=x).logits
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
+    t = config.train
+    if t.optimizer == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))]
+    if t.optimizer == "adamw8bit":
+        return [AdamW8bit(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))]
+    matrices, rest = muon_param_groups(model)
+    return [
+        Muon([p for _, p in matrices], lr=t.lr, weight_decay=t.weight_decay),
+        torch.optim.AdamW([p for _, p in rest], lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95)),
+    ]
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warmup, then cosine to min_lr: a factor of the configured lr."""
+    t = config.train
+    if step < t.warmup:
+        return (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return (t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))) / t.lr
+
+
+def shard(model: nn.Module, config: Config) -> nn.Module:
+    t = config.train
+    if t.activation_checkpointing:
+        for block in decoder_blocks(model):  # in place: the same module (same names), its forward recomputed
+            block.forward = _checkpointed(block)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp} if t.mixed_precision == "bf16" else {}
+    if t.optimizer == "adamw8bit":
+        kwargs["granularity"] = AdamW8bit.granularity(256)
+    return apply_fsdp(model, **kwargs)
+
+
+def _checkpointed(block: nn.Module):
+    forward = block.forward
+
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def train(config: Config) -> list[float]:
+    """Run (or resume) the configured training; returns the global mean loss of each step run here."""
+    launched = "RANK" in os.environ
+    if not dist.is_initialized():
+        if launched:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        else:  # one process without torchrun: a group of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro_steps = check_world(config, world)
+    t = config.train
+    run_dir = Path(config.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tokens = load_tokens(config.data.path)
+
+    torch.manual_seed(t.seed)  # every rank builds the same model
+    with torch.device("meta") if t.meta_init else contextlib.nullcontext():
+        model = build_model(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    shard(model, config)
+    if t.meta_init:
+        materialize(model)
+    opts = make_optimizers(model, config)
+    start = 0
+    if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
+        extra = checkpoint.load(ckpt_dir, model, opts if len(opts) > 1 else opts[0])
+        start = int(extra["step"])
+        _log(rank, f"resumed from step {start} ({ckpt_dir})")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.csv"
+    losses = []
+    tokens_per_step = t.global_batch * config.data.seq_len
+    _log(rank, f"{n_params / 1e6:.2f}M parameters, {world} rank(s), {micro_steps} micro-batch(es) per step, "
+               f"{tokens_per_step} tokens per step")  # fmt: skip
+    for step in range(start, t.steps):
+        t0 = time.perf_counter()
+        for o in opts:
+            for g in o.param_groups:
+                g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_at(step, config)
+        x, y = global_batch(tokens, step, t.global_batch, config.data.seq_len, t.seed)
+        total = torch.zeros((), device=x.device if not torch.cuda.is_available() else "cuda")
+        for i, (xb, yb) in enumerate(rank_micro_batches(x, y, rank, world, t.micro_batch)):
+            model.set_requires_gradient_sync(i == micro_steps - 1)
+            loss = loss_of(model, xb, yb) / micro_steps
+            loss.backward()
+            total += loss.detach().float()
+        if t.grad_clip > 0:
+            clip_grad_norm_(model.parameters(), t.grad_clip)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        dist.all_reduce(total)
+        loss_value = total.item() / world
+        losses.append(loss_value)
+        elapsed = time.perf_counter() - t0
+        if rank == 0:
+            _append_metrics(
+                metrics_path, step + 1, loss_value, opts[0].param_groups[0]["lr"], tokens_per_step / elapsed
+            )
+            print(
+                f"step {step + 1:5d}/{t.steps}  loss {loss_value:.4f}  {tokens_per_step / elapsed:8.0f} tok/s",
+                flush=True,
+            )
+        done = step + 1
+        if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
+            checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
+                            extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
+    return losses
+
+
+def _append_metrics(path: Path, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "loss", "lr", "tokens_per_s"])
+        writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.1f}"])
+
+
+def _log(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
