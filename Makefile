@@ -20,8 +20,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job on a shipped config: a byte-level GPT on the shipped text, 2 local ranks (~2 minutes).
 demo: setup
-	$(BIN)/torchrun --standalone --nproc_per_node=2 examples/demo.py
+	$(BIN)/scalestack train configs/demo.toml --nproc 2
 
 # Train a generative retriever with scalestack FSDP (2 ranks), then serve it under two allowed sets.
 retrieval-demo: setup

@@ -43,6 +43,7 @@ class TrainSection:
     activation_checkpointing: bool = False
     meta_init: bool = False  # build on the meta device and materialize unit by unit
     seed: int = 0
+    log_every: int = 10  # steps between printed lines (metrics.csv gets every step)
 
 
 @dataclass
@@ -148,7 +149,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def check(config: Config) -> None:
     t, d = config.train, config.data
     for key, value in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
-                       ("train.micro_batch", t.micro_batch), ("data.seq_len", d.seq_len)):  # fmt: skip
+                       ("train.micro_batch", t.micro_batch), ("data.seq_len", d.seq_len),
+                       ("train.log_every", t.log_every)):  # fmt: skip
         if value < 1:
             raise TrainConfigError(f"{key} must be at least 1, got {value}")
     if t.optimizer not in OPTIMIZERS:

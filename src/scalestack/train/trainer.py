@@ -165,10 +165,9 @@ def train(config: Config) -> list[float]:
             _append_metrics(
                 metrics_path, step + 1, loss_value, opts[0].param_groups[0]["lr"], tokens_per_step / elapsed
             )
-            print(
-                f"step {step + 1:5d}/{t.steps}  loss {loss_value:.4f}  {tokens_per_step / elapsed:8.0f} tok/s",
-                flush=True,
-            )
+            if (step + 1) % t.log_every == 0 or step in (start, t.steps - 1):
+                print(f"step {step + 1:5d}/{t.steps}  loss {loss_value:.4f}  {tokens_per_step / elapsed:8.0f} tok/s",
+                      flush=True)  # fmt: skip
         done = step + 1
         if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
             checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
