@@ -5,6 +5,7 @@ as one clear error."""
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 import subprocess
 import sys
@@ -51,12 +52,12 @@ def test_train_resume_and_world_size_independence(tmp_path):
     # as if the job had died after step 6: its last checkpoint and metrics are step 6's
     part = tmp_path / "part"
     shutil.copytree(whole, part)
-    shutil.rmtree(part / "checkpoints" / "step_9")
-    rows = (part / "metrics.csv").read_text().splitlines()[:7]
-    (part / "metrics.csv").write_text("\n".join(rows) + "\n")
+    shutil.rmtree(part / "checkpoints" / "step_9")  # metrics.csv keeps its rows 7-9: the resume drops them
     resumed, _ = train(tmp_path, "part", 9, 2)
     assert resumed.returncode == 0 and "resumed from step 6" in resumed.stdout, resumed.stdout + resumed.stderr[-2000:]
     b = losses(part)
+    rows = (part / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]  # no step twice
     for step in range(7, 10):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
@@ -74,9 +75,30 @@ def test_train_resume_and_world_size_independence(tmp_path):
         ("--data.path=/nonexistent.txt", "data.path '/nonexistent.txt' not found"),
         ("--train.optimizer=sgd", "choose one of adamw, adamw8bit, muon"),
         ("--train.steps=many", "train.steps = 'many': expected int"),
+        ("--model.name=gpt-huge", "model.name = 'gpt-huge': choose one of gpt-tiny"),
+        ("--train.lr=0", "need 0 < train.lr"),
+        ("--data.seq_len=100000000", "fewer than data.seq_len + 2"),
     ],
 )
 def test_bad_configs_are_one_clear_error(tmp_path, override, message):
     out, _ = train(tmp_path, "bad", 3, 2, override)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_variants_run(tmp_path):
+    """bf16 compute, activation checkpointing, Muon and meta-device init together; then a Hugging Face Llama
+    from a config.json with AdamW8bit. A few steps each at W=2: they run and the loss is finite."""
+    variants = ["--train.mixed_precision=bf16", "--train.activation_checkpointing=true", "--train.optimizer=muon",
+                "--train.meta_init=true"]  # fmt: skip
+    out, run_dir = train(tmp_path, "variants", 3, 2, *variants)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(math.isfinite(v) for v in losses(run_dir).values())
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path / "llama")  # fmt: skip
+    out, run_dir = train(tmp_path, "hf", 3, 2, "--model.name=hf", f"--model.hf_config={tmp_path / 'llama'}",
+                         "--train.optimizer=adamw8bit")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(losses(run_dir)) == 3 and all(math.isfinite(v) for v in losses(run_dir).values())

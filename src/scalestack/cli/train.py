@@ -22,9 +22,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.config import check_world, load_config
-    from ..train.trainer import train
+    from ..train.trainer import preflight, train
 
     config = load_config(args.config, args.overrides)  # before any launch: a bad config fails once, clearly
+    preflight(config)
     if args.nproc is not None and "RANK" not in os.environ:
         if args.nproc < 1:
             raise ValueError(f"--nproc must be at least 1, got {args.nproc}")

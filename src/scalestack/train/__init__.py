@@ -1,4 +1,4 @@
-"""Training: applying the engine to whole models (``apply_fsdp``); the trainer comes here."""
+"""Training: ``scalestack train`` (config, data, the loop in trainer) and ``apply_fsdp`` for whole models."""
 
 from .apply_fsdp import apply_fsdp, decoder_blocks
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ class Config:
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")
+GPT_SIZES = {  # built-in byte-level GPTs: (layers, heads, width)
+    "gpt-tiny": (2, 4, 64),
+    "gpt-small": (4, 4, 128),
+    "gpt-30m": (8, 8, 512),
+}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -153,6 +159,14 @@ def check(config: Config) -> None:
                        ("train.log_every", t.log_every)):  # fmt: skip
         if value < 1:
             raise TrainConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in (("train.lr", t.lr), ("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
+                       ("train.grad_clip", t.grad_clip)):  # fmt: skip
+        if not math.isfinite(value) or value < 0:
+            raise TrainConfigError(f"{key} must be a finite number >= 0, got {value}")
+    if not t.lr > 0 or t.min_lr > t.lr:
+        raise TrainConfigError(f"need 0 < train.lr and train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.warmup < 0 or not 0 <= t.seed < 2**32:
+        raise TrainConfigError(f"train.warmup must be >= 0 and train.seed in [0, 2**32), got {t.warmup}, {t.seed}")
     if t.optimizer not in OPTIMIZERS:
         raise TrainConfigError(f"train.optimizer = {t.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if t.mixed_precision not in PRECISIONS:
@@ -166,6 +180,12 @@ def check(config: Config) -> None:
     if d.path is not None and not Path(d.path).is_file():
         raise TrainConfigError(f"data.path {d.path!r} not found")
     m = config.model
+    if m.name not in (*GPT_SIZES, "hf"):
+        raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(GPT_SIZES)}, or hf")
+    if m.name == "hf" and m.hf_config is None and m.hf_dir is None:
+        raise TrainConfigError("model.name = 'hf' needs model.hf_config (a config.json) or model.hf_dir")
+    if m.name != "hf" and (m.hf_config or m.hf_dir):
+        raise TrainConfigError("model.hf_config / model.hf_dir are read only with model.name = 'hf'")
     for key in ("hf_config", "hf_dir"):
         value = getattr(m, key)
         if value is not None and not Path(value).exists():

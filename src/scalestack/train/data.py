@@ -13,16 +13,22 @@ BYTE_VOCAB = 256
 
 
 def load_tokens(path: str | None) -> torch.Tensor:
-    """UTF-8 bytes of the file as token ids (a .jsonl file: the "text" field of each line, newline-joined)."""
+    """UTF-8 bytes of the file as token ids, uint8 (a .jsonl file: the "text" field of each line, newline-joined)."""
     source = Path(path) if path is not None else SHIPPED_TEXT
     if not source.is_file():
         raise FileNotFoundError(f"training data {str(source)!r} not found (data.path)")
     if source.suffix == ".jsonl":
-        lines = source.read_text(encoding="utf-8").splitlines()
-        text = "\n".join(json.loads(line)["text"] for line in lines if line.strip())
+        texts = []
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f'{source}:{number}: expected a JSON object with a "text" field') from None
+        text = "\n".join(texts)
     else:
         text = source.read_text(encoding="utf-8")
-    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # ids widen per batch
     if data.numel() < 2:
         raise ValueError(f"training data {str(source)!r} is empty")
     return data
@@ -34,10 +40,10 @@ def global_batch(
     """The ``size`` sequences of step ``step`` (inputs and next-token targets), the same on every rank."""
     if tokens.numel() <= seq_len + 1:
         raise ValueError(f"the training data has {tokens.numel()} tokens, fewer than data.seq_len + 2 = {seq_len + 2}")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed((seed << 32) + step)
     starts = torch.randint(tokens.numel() - seq_len - 1, (size,), generator=g)
-    x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-    y = torch.stack([tokens[s + 1 : s + seq_len + 1] for s in starts.tolist()])
+    x = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()]).long()
+    y = torch.stack([tokens[s + 1 : s + seq_len + 1] for s in starts.tolist()]).long()
     return x, y
 
 

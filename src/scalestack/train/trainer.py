@@ -7,7 +7,6 @@ the step only, and a checkpoint stores the step, so a resumed run (at any W) con
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
@@ -23,40 +22,59 @@ from ..fsdp import MixedPrecisionPolicy, materialize
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW8bit, Muon, clip_grad_norm_, muon_param_groups
 from .apply_fsdp import apply_fsdp, decoder_blocks
-from .config import Config, TrainConfigError, check_world
+from .config import GPT_SIZES, Config, TrainConfigError, check_world
 from .data import BYTE_VOCAB, global_batch, load_tokens, rank_micro_batches
 
-GPT_SIZES = {  # built-in byte-level GPTs: (layers, heads, width)
-    "gpt-tiny": (2, 4, 64),
-    "gpt-small": (4, 4, 128),
-    "gpt-30m": (8, 8, 512),
-}
+
+def _hf_weights(directory: str | None) -> bool:
+    return directory is not None and any(
+        any(Path(directory).glob(pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin")
+    )
+
+
+def preflight(config: Config) -> torch.Tensor:
+    """What can be checked before any rank starts: the data (returned) and a Hugging Face config."""
+    tokens = load_tokens(config.data.path)
+    if tokens.numel() < config.data.seq_len + 2:
+        raise TrainConfigError(f"the training data has {tokens.numel()} tokens, fewer than data.seq_len + 2")
+    m = config.model
+    if m.name == "hf":
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(m.hf_dir or m.hf_config, local_files_only=True)
+        if getattr(hf, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
+            raise TrainConfigError(f"the model's vocab_size {hf.vocab_size} is below the 256 byte-level tokens")
+        positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+        if positions is not None and positions < config.data.seq_len:
+            raise TrainConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's {positions} positions")
+        if config.train.meta_init and _hf_weights(m.hf_dir):
+            raise TrainConfigError(
+                "train.meta_init builds a randomly initialized model, but model.hf_dir holds weights: set "
+                "train.meta_init = false to train from them"
+            )
+    return tokens
 
 
 def build_model(config: Config) -> nn.Module:
+    """The configured model, fp32, in training mode (on the current default device)."""
     m, seq = config.model, config.data.seq_len
     if m.name in GPT_SIZES:
         layers, heads, width = GPT_SIZES[m.name]
         return GPT(GPTConfig(vocab_size=BYTE_VOCAB, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
-    if m.name != "hf":
-        raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(GPT_SIZES)}, or hf")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if m.hf_dir is not None and any(Path(m.hf_dir).glob("*.safetensors")) and not config.train.meta_init:
-        return AutoModelForCausalLM.from_pretrained(m.hf_dir, local_files_only=True)
-    source = m.hf_dir or m.hf_config
-    if source is None:
-        raise TrainConfigError("model.name = 'hf' needs model.hf_config (a config.json) or model.hf_dir")
-    hf = AutoConfig.from_pretrained(source, local_files_only=True)
-    if getattr(hf, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
-        raise TrainConfigError(f"the model's vocab_size {hf.vocab_size} is below the 256 byte-level tokens")
-    return AutoModelForCausalLM.from_config(hf)
+    if _hf_weights(m.hf_dir):  # fp32 master weights whatever the checkpoint's dtype (mixed precision computes)
+        model = AutoModelForCausalLM.from_pretrained(m.hf_dir, local_files_only=True, dtype=torch.float32)
+    else:
+        hf = AutoConfig.from_pretrained(m.hf_dir or m.hf_config, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    return model.train()
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if isinstance(model, GPT):
         return model(x, y)
-    logits = model(input_ids=x).logits
+    logits = model(input_ids=x, use_cache=False).logits  # y is already the next token: no shift here
     return nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
@@ -106,9 +124,13 @@ def _checkpointed(block: nn.Module):
 def train(config: Config) -> list[float]:
     """Run (or resume) the configured training; returns the global mean loss of each step run here."""
     launched = "RANK" in os.environ
+    device = torch.device("cpu")
+    if launched and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         if launched:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         else:  # one process without torchrun: a group of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -118,35 +140,38 @@ def train(config: Config) -> list[float]:
     t = config.train
     run_dir = Path(config.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    tokens = load_tokens(config.data.path)
+    tokens = preflight(config)
 
     torch.manual_seed(t.seed)  # every rank builds the same model
-    with torch.device("meta") if t.meta_init else contextlib.nullcontext():
+    with torch.device("meta") if t.meta_init else device:
         model = build_model(config)
+    if not t.meta_init:
+        model.to(device)  # a Hugging Face checkpoint loads on the CPU
     n_params = sum(p.numel() for p in model.parameters())
     shard(model, config)
     if t.meta_init:
-        materialize(model)
+        materialize(model, device)
     opts = make_optimizers(model, config)
     start = 0
     if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
         extra = checkpoint.load(ckpt_dir, model, opts if len(opts) > 1 else opts[0])
         start = int(extra["step"])
         _log(rank, f"resumed from step {start} ({ckpt_dir})")
+    metrics_path = run_dir / "metrics.csv"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.csv"
+        _keep_metrics_until(metrics_path, start)  # steps after the checkpoint are run again
     losses = []
     tokens_per_step = t.global_batch * config.data.seq_len
     _log(rank, f"{n_params / 1e6:.2f}M parameters, {world} rank(s), {micro_steps} micro-batch(es) per step, "
                f"{tokens_per_step} tokens per step")  # fmt: skip
     for step in range(start, t.steps):
         t0 = time.perf_counter()
-        for o in opts:
+        for o in opts:  # from the config every step: a resumed run takes a changed lr or weight decay
             for g in o.param_groups:
-                g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_at(step, config)
-        x, y = global_batch(tokens, step, t.global_batch, config.data.seq_len, t.seed)
-        total = torch.zeros((), device=x.device if not torch.cuda.is_available() else "cuda")
+                g["lr"], g["weight_decay"] = t.lr * lr_at(step, config), t.weight_decay
+        x, y = (b.to(device) for b in global_batch(tokens, step, t.global_batch, config.data.seq_len, t.seed))
+        total = torch.zeros((), device=device)
         for i, (xb, yb) in enumerate(rank_micro_batches(x, y, rank, world, t.micro_batch)):
             model.set_requires_gradient_sync(i == micro_steps - 1)
             loss = loss_of(model, xb, yb) / micro_steps
@@ -173,6 +198,17 @@ def train(config: Config) -> list[float]:
             checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
                             extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
     return losses
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    if len(kept) != len(rows):
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
 
 
 def _append_metrics(path: Path, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
