@@ -4,8 +4,8 @@ embeddings stay together in it).
 
 Blocks are found, in order: the classes a Hugging Face model names in ``_no_split_modules`` (its decoder
 layers: Llama, Qwen2/3, Mistral, Mixtral, GPT-2, ...), then a ``ModuleList`` at a known place (``layers``,
-``model.layers``, ``transformer.h``, ``h``, ``blocks``, ``model.decoder.layers``). Anything else gets an error with the two lines to
-write by hand.
+``model.layers``, ``transformer.h``, ``h``, ``blocks``, ``model.decoder.layers``). Anything else gets an
+error with the two lines to write by hand.
 """
 
 from __future__ import annotations
