@@ -49,6 +49,14 @@ def test_train_resume_and_world_size_independence(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     a = losses(whole)
     assert sorted(a) == list(range(1, 10)) and a[9] < a[1]  # it learns
+    report = subprocess.run([sys.executable, "-m", "scalestack.cli.main", "report", str(whole)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    for name in ("loss.png", "throughput.png", "memory.png"):
+        assert (whole / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    missing = subprocess.run([sys.executable, "-m", "scalestack.cli.main", "report", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and "metrics.csv not found" in missing.stderr
     # as if the job had died after step 6: its last checkpoint and metrics are step 6's
     part = tmp_path / "part"
     shutil.copytree(whole, part)

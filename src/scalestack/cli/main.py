@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoint.directory import CheckpointError
 from ..planner.model_shapes import ConfigError
-from . import export, plan, retrieve, train
+from . import export, plan, report, retrieve, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_parser(sub)
     retrieve.add_parser(sub)
     train.add_parser(sub)
+    report.add_parser(sub)
     args, extra = parser.parse_known_args(argv)
     args.overrides = [a for a in extra if a.startswith("--") and "=" in a]
     if extra and not getattr(args, "takes_overrides", False) or len(args.overrides) != len(extra):

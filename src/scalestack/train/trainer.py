@@ -187,9 +187,8 @@ def train(config: Config) -> list[float]:
         losses.append(loss_value)
         elapsed = time.perf_counter() - t0
         if rank == 0:
-            _append_metrics(
-                metrics_path, step + 1, loss_value, opts[0].param_groups[0]["lr"], tokens_per_step / elapsed
-            )
+            lr = opts[0].param_groups[0]["lr"]
+            _append_metrics(metrics_path, step + 1, loss_value, lr, tokens_per_step / elapsed, _peak_mib(device))
             if (step + 1) % t.log_every == 0 or step in (start, t.steps - 1):
                 print(f"step {step + 1:5d}/{t.steps}  loss {loss_value:.4f}  {tokens_per_step / elapsed:8.0f} tok/s",
                       flush=True)  # fmt: skip
@@ -211,13 +210,22 @@ def _keep_metrics_until(path: Path, step: int) -> None:
             csv.writer(f).writerows(kept)
 
 
-def _append_metrics(path: Path, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+def _peak_mib(device: torch.device) -> float:
+    """This process's peak memory: the CUDA allocator's on a GPU, the RSS high-water mark on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _append_metrics(path: Path, step: int, loss: float, lr: float, tokens_per_s: float, peak_mib: float) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "loss", "lr", "tokens_per_s"])
-        writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.1f}"])
+            writer.writerow(["step", "loss", "lr", "tokens_per_s", "peak_mib"])
+        writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{peak_mib:.1f}"])
 
 
 def _log(rank: int, text: str) -> None:
