@@ -19,11 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_parser(sub)
     report.add_parser(sub)
     args, extra = parser.parse_known_args(argv)
-    args.overrides = [a for a in extra if a.startswith("--") and "=" in a]
-    if extra and not getattr(args, "takes_overrides", False) or len(args.overrides) != len(extra):
-        parser.error(
-            f"unrecognized arguments: {' '.join(a for a in extra if a not in args.overrides) or ' '.join(extra)}"
-        )
+    takes = getattr(args, "takes_overrides", False)  # train: --section.key=value after its own options
+    unknown = [a for a in extra if not (takes and a.startswith("--") and "=" in a)]
+    if unknown:
+        hint = " (train takes overrides as --section.key=value)" if takes else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args.overrides = extra
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:

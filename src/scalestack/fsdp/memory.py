@@ -22,8 +22,7 @@ class UnitMemory:
     params: int  # elements of the unit's tensors (all ranks together)
     padding: int  # elements of padding over all ranks (W*S - params, summed over buffers)
     shard_bytes: int  # this rank's persistent shard
-    gather_bytes: int  # the full parameters while gathered
-    grad_bytes: int  # the full gradients during backward
+    gather_bytes: int  # the full parameters while gathered; the full gradients take as much during backward
     allocated_bytes: int  # what the unit holds right now (shard, and whatever is gathered or in flight)
     state: str
 
@@ -42,7 +41,6 @@ def unit_memory(unit: ShardedUnit) -> UnitMemory:
         sum(b.layout.numel for b in unit.buffers),
         sum(b.layout.padding for b in unit.buffers),
         shard,
-        gather,
         gather,
         now,
         unit.state.name,
@@ -70,7 +68,7 @@ def memory_summary(model: nn.Module) -> str:
         pad = 100 * r.padding / max(r.params, 1)
         lines.append(
             f"{r.name[:32]:<32} {r.params:>14,} {pad:>8.3f}% {r.shard_bytes / mib:>10.2f} "
-            f"{r.gather_bytes / mib:>11.2f} {r.grad_bytes / mib:>9.2f} {r.allocated_bytes / mib:>9.2f}  {r.state}"
+            f"{r.gather_bytes / mib:>11.2f} {r.gather_bytes / mib:>9.2f} {r.allocated_bytes / mib:>9.2f}  {r.state}"
         )
     params, padding = sum(r.params for r in rows), sum(r.padding for r in rows)
     lines.append(

@@ -374,6 +374,15 @@ class ShardedUnit:
         self._pending_flags = (comm.all_reduce_flags(flags, self.replicate_group), flags, params, here)
         self._replicas_issued = True
 
+    def _wait_in_flight(self) -> None:
+        """Wait for every collective of the pending reduce issued so far (nothing new is issued)."""
+        self._wait_reduce_scatters()
+        with torch.profiler.record_function("scalestack::wait_all_reduce"):
+            for r in self._pending:
+                if r.replicas is not None:
+                    r.replicas.wait()
+                    r.replicas = None
+
     def _wait_reduce_scatters(self) -> None:
         with torch.profiler.record_function("scalestack::wait_reduce_scatter"):
             for r in self._pending:
@@ -392,15 +401,11 @@ class ShardedUnit:
             return
         if self.replicate_group is not None and not self._replicas_issued:
             self.advance_reduces()  # issues this unit's all-reduces, after those of older units
-        self._wait_reduce_scatters()
+        self._wait_in_flight()
         pending, self._pending = self._pending, []
         _, flags, params, here = self._pending_flags
         self._pending_flags = None
         self._replicas_issued = False
-        with torch.profiler.record_function("scalestack::wait_all_reduce"):
-            for r in pending:
-                if r.replicas is not None:
-                    r.replicas.wait()
         grads = {}
         for r in pending:
             if r.source is r.buffer.grad:
@@ -421,12 +426,8 @@ class ShardedUnit:
     def reset(self) -> None:
         """Back to sharded and idle after a step that failed half-way (``FSDPModule.reset_iter_state``): waits
         for what is in flight, issues nothing new (the failure may have hit one rank only)."""
-        for r in self._pending:
-            for work in (r.work, r.replicas):
-                if work is not None:
-                    work.wait()
-        if self._pending_flags is not None and self._pending_flags[0] is not None:
-            self._pending_flags[0].wait()
+        if self._pending:
+            self._wait_in_flight()
         self._pending, self._pending_flags, self._replicas_issued = [], None, False
         for p in self.params:
             p.unsharded.grad = None
