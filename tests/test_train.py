@@ -1,6 +1,6 @@
 """``scalestack train`` end to end: a few steps at W=2 through torchrun, resuming from its checkpoint with
-the same following losses, the same losses at W=1 (the data order does not depend on W), and bad configs
-as one clear error."""
+the same following losses (also after a rank is SIGKILLed under ``torchrun --max-restarts=1``), the same
+losses at W=1 (the data order does not depend on W), and bad configs as one clear error."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ micro_batch = 2
 warmup = 2
 [checkpoint]
 every = 3
+"""
+
+
+DYING = """
+import os, signal, sys
+import scalestack.train.trainer as trainer
+from scalestack.cli.main import main
+
+batch = trainer.global_batch
+
+def dying(tokens, step, *args):  # rank 1 dies before step 6 of the first attempt (checkpoints: every 3)
+    if step == 5 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch(tokens, step, *args)
+
+trainer.global_batch = dying
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -68,6 +85,19 @@ def test_train_resume_and_world_size_independence(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]  # no step twice
     for step in range(7, 10):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    # a rank SIGKILLed mid-run under torchrun --max-restarts=1: every rank restarts from the step-3 checkpoint
+    killed = tmp_path / "killed"
+    (tmp_path / "killed.toml").write_text(CONFIG.format(run_dir=killed, steps=9))
+    (tmp_path / "dying.py").write_text(DYING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               str(tmp_path / "dying.py"), "train", str(tmp_path / "killed.toml")]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exitcode: -9" in out.stderr and "resumed from step 3" in out.stdout, out.stdout + out.stderr[-3000:]
+    rows = (killed / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]
+    for step, loss in losses(killed).items():
+        assert loss == pytest.approx(a[step], rel=1e-5), step
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
     assert one.returncode == 0, one.stderr[-2000:]
     for step, loss in losses(single).items():

@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("config", help="a TOML file: [model], [data], [train], [checkpoint] sections and run_dir")
     p.add_argument("--nproc", type=int, help="local ranks to launch through torchrun (outside torchrun)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: restart all ranks up to this many times when one fails; each restart "
+                        "resumes from the newest complete checkpoint")  # fmt: skip
     p.set_defaults(func=run, takes_overrides=True)
 
 
@@ -27,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # before any launch: a bad config fails once, clearly
     preflight(config)
     if args.nproc is not None and "RANK" not in os.environ:
-        if args.nproc < 1:
-            raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.nproc < 1 or args.max_restarts < 0:
+            raise ValueError(f"need --nproc >= 1 and --max-restarts >= 0, got {args.nproc} and {args.max_restarts}")
         check_world(config, args.nproc)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   f"--max-restarts={args.max_restarts}",
                    "-m", "scalestack.cli.main", "train", args.config, *args.overrides]  # fmt: skip
         return subprocess.call(command)
     train(config)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import checkpoint
+from ..checkpoint.directory import complete_checkpoints
 from ..fsdp import MixedPrecisionPolicy, materialize
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW8bit, Muon, clip_grad_norm_, muon_param_groups
@@ -130,7 +131,7 @@ def train(config: Config) -> list[float]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if launched:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            _init_launched_group("nccl" if device.type == "cuda" else "gloo")
         else:  # one process without torchrun: a group of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -153,7 +154,7 @@ def train(config: Config) -> list[float]:
         materialize(model, device)
     opts = make_optimizers(model, config)
     start = 0
-    if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
+    if complete_checkpoints(ckpt_dir):  # a save that a killed rank left unfinished is not one
         extra = checkpoint.load(ckpt_dir, model, opts if len(opts) > 1 else opts[0])
         start = int(extra["step"])
         _log(rank, f"resumed from step {start} ({ckpt_dir})")
@@ -197,6 +198,15 @@ def train(config: Config) -> list[float]:
             checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
                             extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
     return losses
+
+
+def _init_launched_group(backend: str) -> None:
+    """The default group from torchrun's environment, its keys under this attempt's prefix: after a restart
+    (``--max-restarts``) the launcher's store still holds the dead attempt's peer addresses, and a rank that
+    read one would connect to a process that no longer exists."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
