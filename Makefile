@@ -30,8 +30,10 @@ retrieval-demo: setup
 	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/fresh.ids
 	head -6 runs/retrieval/queries.tsv | $(BIN)/scalestack retrieve --checkpoint runs/retrieval/retriever.pt --allowed runs/retrieval/items.ids
 
+# scalestack vs FSDP2, FSDP1, DDP (and DeepSpeed ZeRO-3 when installed) on the reference GPT at W=2 and 4.
 bench: setup
-	$(BIN)/python benchmarks/step.py
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]" "$(TORCH_PIN)"
+	$(BIN)/scalestack bench --world 2,4 --out runs/bench
 
 # On a machine with GPUs: CUDA/NCCL tests and the step benchmark against FSDP2 (W = number of GPUs).
 gpu-check:

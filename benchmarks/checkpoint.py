@@ -12,7 +12,7 @@ Each (round, system) runs in fresh processes; rounds rotate the order of systems
   MiB written      sum of the file sizes in the checkpoint directory
   save peak MiB    peak resident memory during the save above the RSS just before it (max over ranks)
   save peak %      that peak as a share of the process's RSS at the save start (what training holds)
-  train peak MiB   peak RSS of the training step above the RSS before the model was built (as step.py)
+  train peak MiB   peak RSS of the training step above the RSS before the model was built (as scalestack bench)
   loaded == saved  after load, one parameter and its AdamW exp_avg equal (bitwise, local pieces) what was saved
 
     python benchmarks/checkpoint.py [--rounds 3] [--world 2] [--systems scalestack,fsdp2] [--small] [--dir D]

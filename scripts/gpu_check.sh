@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make gpu-check: the CUDA/NCCL tests and the step benchmark against FSDP2 on every GPU present (W = GPUs).
+# make gpu-check: the CUDA/NCCL tests and scalestack bench (vs FSDP2, FSDP1, DDP) on every GPU present (W = GPUs).
 # Needs a CUDA build of torch: it uses .venv if its torch sees a GPU, else builds .venv-gpu with the default
 # (CUDA) wheel of the pinned torch version.
 set -euo pipefail
@@ -14,5 +14,5 @@ GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "gpu-check: no CUDA GPU visible" >&2; exit 1; }
 echo "== CUDA/NCCL tests on $GPUS GPU(s)"
 "$PY" -m pytest -q -m cuda tests/test_cuda.py
-echo "== step benchmark, W=$GPUS, NCCL"
-"$PY" benchmarks/step.py --device cuda --world "$GPUS" --rounds 3 --steps 10 --systems scalestack,fsdp2,scalestack+ac,fsdp2+ac
+echo "== scalestack bench, W=$GPUS, NCCL"
+"$PY" -m scalestack.cli.main bench --device cuda --world "$GPUS" --rounds 3 --steps 10 --out runs/bench-gpu

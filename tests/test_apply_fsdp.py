@@ -107,11 +107,17 @@ def summary_case(rank, world, group):
         logger.removeHandler(handler)
     full = sum(p.numel() for p in build("llama").parameters())
     shards = sum(p.numel() * p.element_size() for p in model.parameters())
-    return before, [r.getMessage() for r in records], full, shards
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss_of(model, ids).backward()
+    ranges = {e.key for e in prof.key_averages() if e.key.startswith("scalestack::")}
+    return before, [r.getMessage() for r in records], full, shards, ranges
 
 
-def test_memory_summary_and_layout_log(pool):
-    summary, logs, full, shard_bytes = pool.run(summary_case, 2)[0]
+def test_memory_summary_layout_log_and_profiler_ranges(pool):
+    summary, logs, full, shard_bytes, ranges = pool.run(summary_case, 2)[0]
+    for phase in ("unshard", "pre_forward", "pre_backward", "post_backward"):  # per unit, named as in the model
+        assert f"scalestack::{phase} (model.layers.1)" in ranges, (phase, sorted(ranges))
+    assert {"scalestack::all_gather", "scalestack::reduce_scatter", "scalestack::pre_forward (<root>)"} <= ranges
     lines = summary.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:-1]}
     assert set(rows) == {"<root>", "model.layers.0", "model.layers.1", "total"}

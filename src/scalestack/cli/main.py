@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoint.directory import CheckpointError
 from ..planner.model_shapes import ConfigError
-from . import export, plan, report, retrieve, train
+from . import bench, export, plan, report, retrieve, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     retrieve.add_parser(sub)
     train.add_parser(sub)
     report.add_parser(sub)
+    bench.add_parser(sub)
     args, extra = parser.parse_known_args(argv)
     takes = getattr(args, "takes_overrides", False)  # train: --section.key=value after its own options
     unknown = [a for a in extra if not (takes and a.startswith("--") and "=" in a)]

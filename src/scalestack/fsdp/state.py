@@ -260,7 +260,7 @@ class FSDPState:
             self.expects_backward = False
             ctx.forward_order.append(self)
             if unit is not None:
-                with torch.profiler.record_function("scalestack::pre_forward"):
+                with unit.profile_range("pre_forward"):
                     unit.pre_forward(grad)
             for target in ctx.forward_prefetch(self):
                 if target.unit is not None:
@@ -334,7 +334,7 @@ class FSDPState:
         ctx.free_finished_reduces()
         unit = self.unit
         if unit is not None:
-            with torch.profiler.record_function("scalestack::pre_backward"):
+            with unit.profile_range("pre_backward"):
                 unit.pre_backward()
         for target in ctx.backward_prefetch(self):
             u = target.unit
@@ -350,8 +350,7 @@ class FSDPState:
 
     def post_backward(self) -> None:
         unit = self.unit
-        with torch.profiler.record_function("scalestack::post_backward"):
-            unit.post_backward()
+        unit.post_backward()
         if unit.reduce_pending:
             self.ctx.reduce_issued(unit)
 

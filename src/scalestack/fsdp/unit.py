@@ -170,7 +170,18 @@ class ShardedUnit:
         return [p for p in self.params if p.sharded.requires_grad]
 
     # ---------------------------------------------------------------- all-gather / free
+    def profile_range(self, phase: str) -> torch.profiler.record_function:
+        """A profiler range named by phase and unit, as FSDP2 names its own: ``scalestack::pre_forward (layers.0)``."""
+        return torch.profiler.record_function(f"scalestack::{phase} ({self.name})")
+
     def unshard(self, async_op: bool = False) -> None:
+        if self.state in (ShardState.SHARDED, ShardState.PARTLY_SHARDED):
+            with self.profile_range("unshard"):
+                self._issue_gathers()
+        if not async_op:
+            self.wait_for_unshard()
+
+    def _issue_gathers(self) -> None:
         if self.state is ShardState.SHARDED:
             for b in self.buffers:  # issue every buffer's all-gather before waiting on any
                 _alloc(b.gather)
@@ -181,8 +192,6 @@ class ShardedUnit:
                 _alloc(b.gather)
                 self._gathers.append(comm.all_gather(b.gather, b.partial, self._post_forward_group))
             self.state = ShardState.GATHERING
-        if not async_op:
-            self.wait_for_unshard()
 
     def wait_for_unshard(self) -> None:
         if self.state in (ShardState.SHARDED, ShardState.PARTLY_SHARDED):
@@ -299,6 +308,10 @@ class ShardedUnit:
 
     def post_backward(self) -> None:
         """This backward's gradients are all in: reduce-scatter them (or keep them for accumulation), free."""
+        with self.profile_range("post_backward"):
+            self._post_backward()
+
+    def _post_backward(self) -> None:
         views_set = self.training_state is TrainingState.PRE_BACKWARD  # .grad are views of the grad buffers
         self.triggers_pending = 0
         self.ran_forward_with_grad = False
