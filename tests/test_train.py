@@ -61,6 +61,16 @@ def losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
+def board_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert len(steps) == len(set(steps)), steps
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
 def test_train_resume_and_world_size_independence(tmp_path):
     done, whole = train(tmp_path, "whole", 9, 2)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -98,6 +108,8 @@ def test_train_resume_and_world_size_independence(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]
     for step, loss in losses(killed).items():
         assert loss == pytest.approx(a[step], rel=1e-5), step
+    for run in (whole, part):  # TensorBoard holds every step once, as metrics.csv does (the resume purged 7-9)
+        assert board_losses(run) == pytest.approx(losses(run), rel=1e-6)
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
     assert one.returncode == 0, one.stderr[-2000:]
     for step, loss in losses(single).items():
@@ -116,6 +128,8 @@ def test_train_resume_and_world_size_independence(tmp_path):
         ("--model.name=gpt-huge", "model.name = 'gpt-huge': choose one of gpt-tiny"),
         ("--train.lr=0", "need 0 < train.lr"),
         ("--data.seq_len=100000000", "fewer than data.seq_len + 2"),
+        ("--data.tokenizer=/nonexistent.json", "data.tokenizer '/nonexistent.json' not found"),
+        ("--train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
     ],
 )
 def test_bad_configs_are_one_clear_error(tmp_path, override, message):
@@ -140,3 +154,14 @@ def test_variants_run(tmp_path):
                          "--train.optimizer=adamw8bit")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(losses(run_dir)) == 3 and all(math.isfinite(v) for v in losses(run_dir).values())
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from scalestack.train.data import SHIPPED_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(SHIPPED_TEXT)], trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out, run_dir = train(tmp_path, "tok", 3, 2, f"--data.tokenizer={tmp_path / 'tokenizer.json'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert losses(run_dir)[1] == pytest.approx(math.log(tok.get_vocab_size()), abs=0.3)  # uniform over its vocab

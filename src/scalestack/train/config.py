@@ -27,6 +27,7 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # a text or .jsonl file ({"text": ...} per line); default: the shipped text
     seq_len: int = 128
+    tokenizer: str | None = None  # a Hugging Face tokenizer.json; default: UTF-8 bytes (256 tokens)
 
 
 @dataclass
@@ -44,7 +45,9 @@ class TrainSection:
     activation_checkpointing: bool = False
     meta_init: bool = False  # build on the meta device and materialize unit by unit
     seed: int = 0
-    log_every: int = 10  # steps between printed lines (metrics.csv gets every step)
+    log_every: int = 10  # steps between printed lines when the output is not a terminal (metrics.csv: every step)
+    peak_tflops: float = 0.0  # per rank, for MFU; 0: a known GPU's data sheet, else a matmul measured at start
+    tensorboard: bool = True  # also write run_dir/tensorboard when the tensorboard package is installed
 
 
 @dataclass
@@ -177,8 +180,11 @@ def check(config: Config) -> None:
         )
     if config.checkpoint.every < 0 or config.checkpoint.keep_last < 1:
         raise TrainConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
-    if d.path is not None and not Path(d.path).is_file():
-        raise TrainConfigError(f"data.path {d.path!r} not found")
+    for key, value in (("data.path", d.path), ("data.tokenizer", d.tokenizer)):
+        if value is not None and not Path(value).is_file():
+            raise TrainConfigError(f"{key} {value!r} not found")
+    if not math.isfinite(t.peak_tflops) or t.peak_tflops < 0:
+        raise TrainConfigError(f"train.peak_tflops must be >= 0 (0: measured or known), got {t.peak_tflops}")
     m = config.model
     if m.name not in (*GPT_SIZES, "hf"):
         raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(GPT_SIZES)}, or hf")

@@ -1,5 +1,6 @@
-"""Training data: byte-level tokens of a text or JSON-lines file, and batches whose order depends on the
-seed and the step only, never on the number of ranks (so a run resumed at another W sees the same data)."""
+"""Training data: byte-level tokens (or a ``tokenizer.json``'s) of a text or JSON-lines file, and batches
+whose order depends on the seed and the step only, never on the number of ranks (so a run resumed at another
+W sees the same data)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ SHIPPED_TEXT = Path(__file__).resolve().parents[3] / "data" / "public_domain.txt
 BYTE_VOCAB = 256
 
 
-def load_tokens(path: str | None) -> torch.Tensor:
-    """UTF-8 bytes of the file as token ids, uint8 (a .jsonl file: the "text" field of each line, newline-joined)."""
+def load_tokens(path: str | None, tokenizer: str | None = None) -> torch.Tensor:
+    """The file's token ids: UTF-8 bytes (uint8), or the ids of a ``tokenizer.json`` (int32). A .jsonl file
+    contributes the "text" field of each line, newline-joined."""
     source = Path(path) if path is not None else SHIPPED_TEXT
     if not source.is_file():
         raise FileNotFoundError(f"training data {str(source)!r} not found (data.path)")
@@ -28,10 +30,29 @@ def load_tokens(path: str | None) -> torch.Tensor:
         text = "\n".join(texts)
     else:
         text = source.read_text(encoding="utf-8")
-    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # ids widen per batch
+    if tokenizer is not None:
+        data = torch.tensor(load_tokenizer(tokenizer).encode(text).ids, dtype=torch.int32)
+    else:
+        data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # ids widen per batch
     if data.numel() < 2:
         raise ValueError(f"training data {str(source)!r} is empty")
     return data
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library: the hf extra)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError("data.tokenizer needs the tokenizers package: pip install 'scalestack[hf]'") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"data.tokenizer {str(path)!r} is not a tokenizer.json: {e}") from None
+
+
+def vocab_size(tokenizer: str | None) -> int:
+    return BYTE_VOCAB if tokenizer is None else load_tokenizer(tokenizer).get_vocab_size()
 
 
 def global_batch(

@@ -24,7 +24,9 @@ from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW8bit, Muon, clip_grad_norm_, muon_param_groups
 from .apply_fsdp import apply_fsdp, decoder_blocks
 from .config import GPT_SIZES, Config, TrainConfigError, check_world
-from .data import BYTE_VOCAB, global_batch, load_tokens, rank_micro_batches
+from .data import global_batch, load_tokens, rank_micro_batches, vocab_size
+from .flops import flops_per_token, peak_flops
+from .progress import Progress
 
 
 def _hf_weights(directory: str | None) -> bool:
@@ -35,7 +37,8 @@ def _hf_weights(directory: str | None) -> bool:
 
 def preflight(config: Config) -> torch.Tensor:
     """What can be checked before any rank starts: the data (returned) and a Hugging Face config."""
-    tokens = load_tokens(config.data.path)
+    tokens = load_tokens(config.data.path, config.data.tokenizer)
+    vocab = vocab_size(config.data.tokenizer)
     if tokens.numel() < config.data.seq_len + 2:
         raise TrainConfigError(f"the training data has {tokens.numel()} tokens, fewer than data.seq_len + 2")
     m = config.model
@@ -43,8 +46,9 @@ def preflight(config: Config) -> torch.Tensor:
         from transformers import AutoConfig
 
         hf = AutoConfig.from_pretrained(m.hf_dir or m.hf_config, local_files_only=True)
-        if getattr(hf, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
-            raise TrainConfigError(f"the model's vocab_size {hf.vocab_size} is below the 256 byte-level tokens")
+        if getattr(hf, "vocab_size", vocab) < vocab:
+            source = "data.tokenizer's" if config.data.tokenizer else "the byte-level"
+            raise TrainConfigError(f"the model's vocab_size {hf.vocab_size} is below {source} {vocab} tokens")
         positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
         if positions is not None and positions < config.data.seq_len:
             raise TrainConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's {positions} positions")
@@ -61,7 +65,8 @@ def build_model(config: Config) -> nn.Module:
     m, seq = config.model, config.data.seq_len
     if m.name in GPT_SIZES:
         layers, heads, width = GPT_SIZES[m.name]
-        return GPT(GPTConfig(vocab_size=BYTE_VOCAB, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
+        vocab = vocab_size(config.data.tokenizer)
+        return GPT(GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if _hf_weights(m.hf_dir):  # fp32 master weights whatever the checkpoint's dtype (mixed precision computes)
@@ -149,6 +154,8 @@ def train(config: Config) -> list[float]:
     if not t.meta_init:
         model.to(device)  # a Hugging Face checkpoint loads on the CPU
     n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = t.global_batch * config.data.seq_len
+    step_flops = flops_per_token(model, config.data.seq_len) * tokens_per_step
     shard(model, config)
     if t.meta_init:
         materialize(model, device)
@@ -163,41 +170,59 @@ def train(config: Config) -> list[float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         _keep_metrics_until(metrics_path, start)  # steps after the checkpoint are run again
     losses = []
-    tokens_per_step = t.global_batch * config.data.seq_len
+    compute_dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
+    peak = peak_flops(device, compute_dtype, t.peak_tflops) * world  # MFU: the whole job's
     _log(rank, f"{n_params / 1e6:.2f}M parameters, {world} rank(s), {micro_steps} micro-batch(es) per step, "
                f"{tokens_per_step} tokens per step")  # fmt: skip
-    for step in range(start, t.steps):
-        t0 = time.perf_counter()
-        for o in opts:  # from the config every step: a resumed run takes a changed lr or weight decay
-            for g in o.param_groups:
-                g["lr"], g["weight_decay"] = t.lr * lr_at(step, config), t.weight_decay
-        x, y = (b.to(device) for b in global_batch(tokens, step, t.global_batch, config.data.seq_len, t.seed))
-        total = torch.zeros((), device=device)
-        for i, (xb, yb) in enumerate(rank_micro_batches(x, y, rank, world, t.micro_batch)):
-            model.set_requires_gradient_sync(i == micro_steps - 1)
-            loss = loss_of(model, xb, yb) / micro_steps
-            loss.backward()
-            total += loss.detach().float()
-        if t.grad_clip > 0:
-            clip_grad_norm_(model.parameters(), t.grad_clip)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        dist.all_reduce(total)
-        loss_value = total.item() / world
-        losses.append(loss_value)
-        elapsed = time.perf_counter() - t0
-        if rank == 0:
-            lr = opts[0].param_groups[0]["lr"]
-            _append_metrics(metrics_path, step + 1, loss_value, lr, tokens_per_step / elapsed, _peak_mib(device))
-            if (step + 1) % t.log_every == 0 or step in (start, t.steps - 1):
-                print(f"step {step + 1:5d}/{t.steps}  loss {loss_value:.4f}  {tokens_per_step / elapsed:8.0f} tok/s",
-                      flush=True)  # fmt: skip
-        done = step + 1
-        if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
-            checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
-                            extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
+    board = _tensorboard(run_dir, start) if rank == 0 and t.tensorboard else None
+    progress = Progress(t.steps, start, t.log_every) if rank == 0 else None
+    try:
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            for o in opts:  # from the config every step: a resumed run takes a changed lr or weight decay
+                for g in o.param_groups:
+                    g["lr"], g["weight_decay"] = t.lr * lr_at(step, config), t.weight_decay
+            x, y = (b.to(device) for b in global_batch(tokens, step, t.global_batch, config.data.seq_len, t.seed))
+            loss_value = train_step(model, opts, rank_micro_batches(x, y, rank, world, t.micro_batch), t.grad_clip)
+            losses.append(loss_value)
+            elapsed = time.perf_counter() - t0
+            if rank == 0:
+                lr, speed = opts[0].param_groups[0]["lr"], tokens_per_step / elapsed
+                row = {"loss": loss_value, "lr": lr, "tokens_per_s": speed, "peak_mib": _peak_mib(device),
+                       "mfu": step_flops / elapsed / peak}  # fmt: skip
+                _append_metrics(metrics_path, step + 1, row)
+                if board is not None:
+                    for key, value in row.items():
+                        board.add_scalar(f"train/{key}", value, step + 1)
+                progress.update(step + 1, loss_value, row["tokens_per_s"], row["peak_mib"], row["mfu"])
+            done = step + 1
+            if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
+                checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
+                                extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
+    finally:
+        if board is not None:
+            board.close()
+        if progress is not None:
+            progress.close()
     return losses
+
+
+def train_step(model: nn.Module, opts: list[torch.optim.Optimizer], micro_batches: list[tuple[torch.Tensor, ...]],
+               grad_clip: float) -> float:  # fmt: skip
+    """One optimizer step over this rank's micro-batches (gradients reduced after the last); the global mean loss."""
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss = loss_of(model, x, y) / len(micro_batches)
+        loss.backward()
+        total += loss.detach().float()
+    if grad_clip > 0:
+        clip_grad_norm_(model.parameters(), grad_clip)
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
 def _init_launched_group(backend: str) -> None:
@@ -229,13 +254,28 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _append_metrics(path: Path, step: int, loss: float, lr: float, tokens_per_s: float, peak_mib: float) -> None:
+METRICS = ("step", "loss", "lr", "tokens_per_s", "peak_mib", "mfu")
+
+
+def _append_metrics(path: Path, step: int, row: dict[str, float]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "loss", "lr", "tokens_per_s", "peak_mib"])
-        writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{peak_mib:.1f}"])
+            writer.writerow(METRICS)
+        writer.writerow([step, f"{row['loss']:.6f}", f"{row['lr']:.6g}", f"{row['tokens_per_s']:.1f}",
+                         f"{row['peak_mib']:.1f}", f"{row['mfu']:.5f}"])  # fmt: skip
+
+
+def _tensorboard(run_dir: Path, start: int):
+    """A SummaryWriter on run_dir/tensorboard when tensorboard is installed (events after a resumed
+    checkpoint's step are dropped, as metrics.csv's rows are), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed: metrics go to metrics.csv only (pip install tensorboard)", flush=True)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
 
 
 def _log(rank: int, text: str) -> None:
