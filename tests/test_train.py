@@ -108,7 +108,7 @@ def test_train_resume_and_world_size_independence(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]
     for step, loss in losses(killed).items():
         assert loss == pytest.approx(a[step], rel=1e-5), step
-    for run in (whole, part):  # TensorBoard holds every step once, as metrics.csv does (the resume purged 7-9)
+    for run in (whole, part, killed):  # TensorBoard holds every step once, as metrics.csv does (resumes purge)
         assert board_losses(run) == pytest.approx(losses(run), rel=1e-6)
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -140,7 +140,8 @@ def test_bad_configs_are_one_clear_error(tmp_path, override, message):
 
 def test_variants_run(tmp_path):
     """bf16 compute, activation checkpointing, Muon and meta-device init together; then a Hugging Face Llama
-    from a config.json with AdamW8bit. A few steps each at W=2: they run and the loss is finite."""
+    from a config.json with AdamW8bit; then the built-in Llama on a tokenizer.json's tokens. A few steps each
+    at W=2: they run and the loss is finite."""
     variants = ["--train.mixed_precision=bf16", "--train.activation_checkpointing=true", "--train.optimizer=muon",
                 "--train.meta_init=true"]  # fmt: skip
     out, run_dir = train(tmp_path, "variants", 3, 2, *variants)
@@ -162,6 +163,7 @@ def test_variants_run(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train([str(SHIPPED_TEXT)], trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]"]))
     tok.save(str(tmp_path / "tokenizer.json"))
-    out, run_dir = train(tmp_path, "tok", 3, 2, f"--data.tokenizer={tmp_path / 'tokenizer.json'}")
+    out, run_dir = train(tmp_path, "tok", 3, 2, f"--data.tokenizer={tmp_path / 'tokenizer.json'}",
+                         "--model.name=llama-tiny")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert losses(run_dir)[1] == pytest.approx(math.log(tok.get_vocab_size()), abs=0.3)  # uniform over its vocab

@@ -83,3 +83,12 @@ def test_tokens_from_a_tokenizer_json(tmp_path):
     with pytest.raises(ValueError, match="is not a tokenizer.json"):
         load_tokens(None, str(tmp_path / "bad.json"))
     assert math.isfinite(float(ids.float().mean()))
+
+
+def test_line_cuts_cover_the_text_at_line_ends():
+    from scalestack.train.data import _line_cuts
+
+    text = "ab\ncdef\ng\n\nhij"
+    pieces = [text[i : j + 1] for i, j in _line_cuts(text, 2)]
+    assert "".join(pieces) == text and pieces == ["ab\n", "cdef\n", "g\n\n", "hij"]  # the first line end after 2
+    assert _line_cuts("", 4) == [] and _line_cuts("x", 4) == [(0, 0)]

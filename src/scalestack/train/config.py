@@ -18,7 +18,7 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "gpt-tiny"  # a built-in (GPT_SIZES), or "hf" with hf_config / hf_dir
+    name: str = "gpt-tiny"  # a built-in (GPT_SIZES, LLAMA_SIZES), or "hf" with hf_config / hf_dir
     hf_config: str | None = None  # a Hugging Face config.json: random init
     hf_dir: str | None = None  # a local Hugging Face model directory: its config (and weights, when present)
 
@@ -27,7 +27,7 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # a text or .jsonl file ({"text": ...} per line); default: the shipped text
     seq_len: int = 128
-    tokenizer: str | None = None  # a Hugging Face tokenizer.json; default: UTF-8 bytes (256 tokens)
+    tokenizer: str | None = None  # a tokenizer.json; default: model.hf_dir's, else UTF-8 bytes (256 tokens)
 
 
 @dataclass
@@ -69,8 +69,14 @@ OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 GPT_SIZES = {  # built-in byte-level GPTs: (layers, heads, width)
     "gpt-tiny": (2, 4, 64),
     "gpt-small": (4, 4, 128),
-    "gpt-30m": (8, 8, 512),
+    "gpt-medium": (8, 8, 512),
 }
+LLAMA_SIZES = {  # built-in Llamas (Hugging Face's LlamaForCausalLM): (layers, heads, kv heads, width)
+    "llama-tiny": (2, 4, 2, 64),
+    "llama-small": (4, 4, 2, 128),
+    "llama-medium": (8, 8, 4, 512),
+}
+BUILT_IN = (*GPT_SIZES, *LLAMA_SIZES)
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -151,6 +157,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not sep:
             raise TrainConfigError(f"override {item!r}: write --section.key=value, e.g. --train.steps=50")
         _set(config, key, value)
+    m = config.model
+    if m.hf_dir is not None and config.data.tokenizer is None and (Path(m.hf_dir) / "tokenizer.json").is_file():
+        config.data.tokenizer = str(Path(m.hf_dir) / "tokenizer.json")  # a pretrained model's own tokens
     check(config)
     return config
 
@@ -186,8 +195,8 @@ def check(config: Config) -> None:
     if not math.isfinite(t.peak_tflops) or t.peak_tflops < 0:
         raise TrainConfigError(f"train.peak_tflops must be >= 0 (0: measured or known), got {t.peak_tflops}")
     m = config.model
-    if m.name not in (*GPT_SIZES, "hf"):
-        raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(GPT_SIZES)}, or hf")
+    if m.name not in (*BUILT_IN, "hf"):
+        raise TrainConfigError(f"model.name = {m.name!r}: choose one of {', '.join(BUILT_IN)}, or hf")
     if m.name == "hf" and m.hf_config is None and m.hf_dir is None:
         raise TrainConfigError("model.name = 'hf' needs model.hf_config (a config.json) or model.hf_dir")
     if m.name != "hf" and (m.hf_config or m.hf_dir):

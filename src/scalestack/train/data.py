@@ -30,13 +30,27 @@ def load_tokens(path: str | None, tokenizer: str | None = None) -> torch.Tensor:
         text = "\n".join(texts)
     else:
         text = source.read_text(encoding="utf-8")
-    if tokenizer is not None:
-        data = torch.tensor(load_tokenizer(tokenizer).encode(text).ids, dtype=torch.int32)
+    if tokenizer is not None:  # in pieces of about 1 MiB cut at line ends: ids only, not one huge Encoding
+        pieces = [text[i : j + 1] for i, j in _line_cuts(text, 2**20)]
+        encoded = load_tokenizer(tokenizer).encode_batch(pieces, add_special_tokens=False)
+        data = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
     else:
         data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # ids widen per batch
     if data.numel() < 2:
         raise ValueError(f"training data {str(source)!r} is empty")
     return data
+
+
+def _line_cuts(text: str, size: int) -> list[tuple[int, int]]:
+    """(first, last) character index of consecutive pieces of about ``size`` characters, each ending at a
+    newline (or the text's end)."""
+    cuts, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) - 1 if end < 0 else end
+        cuts.append((start, end))
+        start = end + 1
+    return cuts
 
 
 def load_tokenizer(path: str):

@@ -8,26 +8,34 @@ import time
 import torch
 import torch.nn as nn
 
-# Dense peak TFLOP/s per GPU by name, (bf16, tf32): the vendors' data sheets, without sparsity.
+# Dense peak TFLOP/s per GPU from the vendors' data sheets, without sparsity: (bf16, tf32, fp32). Matched
+# in this order against the device name, so that "L40S" is not read as "L40" nor "L40" as "L4".
 GPU_PEAK_TFLOPS = {
-    "H200": (989.0, 494.0),
-    "H100": (989.0, 494.0),
-    "A100": (312.0, 156.0),
-    "L40S": (362.0, 183.0),
-    "L4": (121.0, 60.0),
-    "A10": (125.0, 62.5),
+    "H100 PCIe": (756.0, 378.0, 51.2),
+    "H200": (989.0, 494.0, 67.0),
+    "H100": (989.0, 494.0, 67.0),
+    "A100": (312.0, 156.0, 19.5),
+    "L40S": (362.0, 183.0, 91.6),
+    "L40": (181.0, 90.5, 90.5),
+    "L4": (121.0, 60.0, 30.3),
+    "A10": (125.0, 62.5, 31.2),
 }
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """6 FLOPs per matmul parameter per token (forward 2, backward 4) plus attention's 12 * layers * width *
-    seq_len. Embedding lookups are not matmuls; an output head tied to the embedding is one."""
+    seq_len. Embedding lookups are not matmuls; an output head tied to the embedding is one; of a mixture of
+    experts only the experts a token is routed to count."""
     params = sum(p.numel() for p in model.parameters())
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
     head = getattr(model, "lm_head", None)
     tied = head is not None and any(head.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
     matmul = params - embeddings + (head.weight.numel() if tied else 0)
     config = getattr(model, "cfg", None) or getattr(model, "config", None)
+    experts, active = getattr(config, "num_local_experts", None), getattr(config, "num_experts_per_tok", None)
+    if experts and active:  # mixture of experts: a token passes through `active` of `experts` experts only
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        matmul -= expert_params * (1 - active / experts)
     layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
     width = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
     attention = 12 * layers * width * seq_len if layers and width else 0
@@ -35,15 +43,18 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> float:
-    """Per rank: the configured peak, else a known GPU's data-sheet peak, else (CPU, unknown GPU) the matmul
-    throughput measured here for a moment: MFU against what this rank's threads reach, not a data sheet."""
+    """Per rank: the configured peak, else a known GPU's data-sheet peak (fp32 counts as TF32 only when torch
+    allows TF32 matmuls), else (CPU, unknown GPU) the matmul throughput measured here for a moment: MFU
+    against what this rank reaches on one large matmul, not a data sheet."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (bf16, tf32) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return (bf16 if dtype == torch.bfloat16 else tf32) * 1e12
+        for key, (bf16, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+            if all(word in name for word in key.split()):
+                if dtype == torch.bfloat16:
+                    return bf16 * 1e12
+                return (tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32) * 1e12
     return measured_matmul_flops(device, dtype)
 
 

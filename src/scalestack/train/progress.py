@@ -3,6 +3,7 @@ into a file or a pipe one line every ``log_every`` steps, so logs stay readable.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -30,7 +31,8 @@ class Progress:
         text = (f"step {done:>{len(str(self.total))}}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] "
                 f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | {peak_mib:,.0f} MiB"
                 f" | MFU {mfu:.1%} | {_duration(elapsed)} < {_duration(eta)}")  # fmt: skip
-        if self.redraw:
+        if self.redraw:  # within the terminal's width: a wrapped line would not be redrawn in place
+            text = text[: shutil.get_terminal_size().columns - 1]
             self.stream.write("\r" + text + "\x1b[K")
             self.stream.flush()
             self.line_open = True

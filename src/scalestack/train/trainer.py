@@ -18,12 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import checkpoint
-from ..checkpoint.directory import complete_checkpoints
+from ..checkpoint.directory import CheckpointError, complete_checkpoints
 from ..fsdp import MixedPrecisionPolicy, materialize
 from ..models.gpt import GPT, GPTConfig
 from ..optim import AdamW8bit, Muon, clip_grad_norm_, muon_param_groups
 from .apply_fsdp import apply_fsdp, decoder_blocks
-from .config import GPT_SIZES, Config, TrainConfigError, check_world
+from .config import GPT_SIZES, LLAMA_SIZES, Config, TrainConfigError, check_world
 from .data import global_batch, load_tokens, rank_micro_batches, vocab_size
 from .flops import flops_per_token, peak_flops
 from .progress import Progress
@@ -42,6 +42,12 @@ def preflight(config: Config) -> torch.Tensor:
     if tokens.numel() < config.data.seq_len + 2:
         raise TrainConfigError(f"the training data has {tokens.numel()} tokens, fewer than data.seq_len + 2")
     m = config.model
+    if m.name not in GPT_SIZES:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            needs = f"model.name = {m.name!r} needs transformers"
+            raise TrainConfigError(f"{needs}: pip install 'scalestack[hf]'") from None
     if m.name == "hf":
         from transformers import AutoConfig
 
@@ -69,6 +75,20 @@ def build_model(config: Config) -> nn.Module:
         return GPT(GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if m.name in LLAMA_SIZES:
+        from transformers import LlamaConfig
+
+        layers, heads, kv_heads, width = LLAMA_SIZES[m.name]
+        hf = LlamaConfig(
+            vocab_size=vocab_size(config.data.tokenizer),
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=seq,
+            intermediate_size=64 * math.ceil(8 * width / 3 / 64),
+        )  # SwiGLU's 8/3, rounded up to 64
+        return AutoModelForCausalLM.from_config(hf, dtype=torch.float32).train()
     if _hf_weights(m.hf_dir):  # fp32 master weights whatever the checkpoint's dtype (mixed precision computes)
         model = AutoModelForCausalLM.from_pretrained(m.hf_dir, local_files_only=True, dtype=torch.float32)
     else:
@@ -160,11 +180,9 @@ def train(config: Config) -> list[float]:
     if t.meta_init:
         materialize(model, device)
     opts = make_optimizers(model, config)
-    start = 0
-    if complete_checkpoints(ckpt_dir):  # a save that a killed rank left unfinished is not one
-        extra = checkpoint.load(ckpt_dir, model, opts if len(opts) > 1 else opts[0])
-        start = int(extra["step"])
-        _log(rank, f"resumed from step {start} ({ckpt_dir})")
+    start = _resume(ckpt_dir, model, opts, config, rank)
+    if start >= t.steps:
+        _log(rank, f"already at step {start} of train.steps = {t.steps}: raise train.steps to train further")
     metrics_path = run_dir / "metrics.csv"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +216,8 @@ def train(config: Config) -> list[float]:
             done = step + 1
             if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
                 checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
-                                extra={"step": done}, keep_last=config.checkpoint.keep_last)  # fmt: skip
+                                extra={"step": done, "data": _data_settings(config)},
+                                keep_last=config.checkpoint.keep_last)  # fmt: skip
     finally:
         if board is not None:
             board.close()
@@ -225,12 +244,39 @@ def train_step(model: nn.Module, opts: list[torch.optim.Optimizer], micro_batche
     return total.item() / dist.get_world_size()
 
 
+def _data_settings(config: Config) -> dict:
+    """What fixes the data a step sees: a resumed run with other values continues on other data."""
+    d, t = config.data, config.train
+    return {"path": d.path or "<shipped>", "tokenizer": d.tokenizer or "<bytes>", "seq_len": d.seq_len,
+            "global_batch": t.global_batch, "seed": t.seed}  # fmt: skip
+
+
+def _resume(ckpt_dir: Path, model: nn.Module, opts: list[torch.optim.Optimizer], config: Config, rank: int) -> int:
+    """Load the newest complete checkpoint that loads (a damaged one is skipped, on every rank alike: load
+    raises any rank's error on all); its step, or 0 when there is none."""
+    for ckpt in reversed(complete_checkpoints(ckpt_dir)):  # a save a killed rank left unfinished is not one
+        try:
+            extra = checkpoint.load(ckpt.path, model, opts if len(opts) > 1 else opts[0])
+        except CheckpointError as e:
+            _log(rank, f"skipping checkpoint {ckpt.path}: {e}")
+            continue
+        saved, now = extra.get("data", {}), _data_settings(config)
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            _log(rank, f"warning: data settings changed since the checkpoint ({', '.join(changed)}): the steps "
+                       "from here see other data than the original run would have")  # fmt: skip
+        _log(rank, f"resumed from step {extra['step']} ({ckpt.path})")
+        return int(extra["step"])
+    return 0
+
+
 def _init_launched_group(backend: str) -> None:
     """The default group from torchrun's environment, its keys under this attempt's prefix: after a restart
     (``--max-restarts``) the launcher's store still holds the dead attempt's peer addresses, and a rank that
-    read one would connect to a process that no longer exists."""
+    read one would connect to a process that no longer exists. The attempt is counted in the store itself:
+    each node's TORCHELASTIC_RESTART_COUNT differs once a healthy node is restarted for a membership change."""
     store, rank, world = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = (store.add("scalestack/ranks_joined", 1) - 1) // world  # every rank joins once per attempt
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
 
 
@@ -268,14 +314,14 @@ def _append_metrics(path: Path, step: int, row: dict[str, float]) -> None:
 
 
 def _tensorboard(run_dir: Path, start: int):
-    """A SummaryWriter on run_dir/tensorboard when tensorboard is installed (events after a resumed
-    checkpoint's step are dropped, as metrics.csv's rows are), else None."""
+    """A SummaryWriter on run_dir/tensorboard when tensorboard is installed (events after the step resumed
+    from, or all of them on a fresh start, are dropped, as metrics.csv's rows are), else None."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print("tensorboard is not installed: metrics go to metrics.csv only (pip install tensorboard)", flush=True)
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
 
 
 def _log(rank: int, text: str) -> None:
