@@ -31,11 +31,12 @@ def test_bench_writes_table_plot_and_counts_traffic(tmp_path):
     model = GPT(MODELS["gpt-tiny"])
     param_bytes = 4 * sum(p.numel() for p in model.parameters())  # fp32, tied weights once
     block_bytes = 4 * sum(p.numel() for p in model.layers.parameters())
-    assert rows["ddp"]["ar"] == param_bytes and rows["ddp"]["ag"] == 0  # one all-reduce of every gradient
+    assert rows["ddp"]["ag"] == rows["ddp"]["rs"] == 0  # DDP gathers nothing (its all-reduces run in C++)
     for system in ("scalestack", "fsdp2"):  # blocks gathered in forward and again in backward, the root once
         assert rows[system]["ag"] == pytest.approx(param_bytes + block_bytes, rel=0.05), system
         assert rows[system]["rs"] == pytest.approx(param_bytes, rel=0.05), system
-    assert rows["scalestack"]["copy"] == 0 and rows["fsdp2"]["copy"] > 0  # zero-copy in fp32
+    assert rows["scalestack"]["copy"] == 0  # zero-copy in fp32; FSDP2 copies in before and out after each gather
+    assert rows["fsdp2"]["copy"] >= rows["fsdp2"]["ag"] * (1 + 1 / 2)
     assert all(len(r["times"]) == 2 and r["peak_bytes"] > 0 for r in rows.values())  # 2 rounds x 1 step
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COPY_OPS = {"copy_", "_foreach_copy_", "split_with_sizes_copy", "_chunk_cat", "chunk_cat", "_to_copy"}
+COPY_IN_OPS = {"all_gather_copy_in"}  # FSDP2's custom op: it returns (the filled input, an empty output)
 
 
 class CommCounter:
@@ -75,7 +76,10 @@ class CopyCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] in COPY_OPS and not self.comm.inside:
+        name = func.__name__.split(".")[0]
+        if name in COPY_IN_OPS:
+            self.bytes += out[0].numel() * out[0].element_size()
+        elif name in COPY_OPS and not self.comm.inside:
             targets = kwargs.get("out", out) if kwargs else out
             for t in targets if isinstance(targets, (list, tuple)) else [targets]:
                 if isinstance(t, torch.Tensor):

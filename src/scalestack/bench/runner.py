@@ -100,6 +100,8 @@ def _worker(rank: int, world: int, port: int, system: str, model_name: str, batc
     with copies:
         step()
     counter.enabled = False
+    if system == "ddp":  # one all-reduce of every gradient, in buckets
+        counter.bytes["ar"] = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
     results.put((rank, {"times": times, "peak": peak, "copy": copies.bytes, **counter.bytes}))
     dist.destroy_process_group()
 

@@ -47,9 +47,8 @@ def wrap(system: str, model: nn.Module, blocks: list[nn.Module], device: torch.d
         model = FullyShardedDataParallel(
             model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}), use_orig_params=True, device_id=device
         )
-    elif system == "ddp":
+    elif system == "ddp":  # its bucket all-reduces run in C++, uncounted: the runner adds them from the sizes
         model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        model.register_comm_hook(None, _python_all_reduce)
     elif system == "deepspeed":
         return _deepspeed(model, lr)
     else:
@@ -62,14 +61,6 @@ def wrap(system: str, model: nn.Module, blocks: list[nn.Module], device: torch.d
         opt.zero_grad(set_to_none=True)
 
     return Wrapped(model, lambda x: model(x, x), step)
-
-
-def _python_all_reduce(state, bucket):
-    """DDP's bucket all-reduce through torch.distributed's Python API, where it is counted (DDP's built-in
-    reduction calls C++ directly)."""
-    t = bucket.buffer()
-    t.div_(dist.get_world_size())
-    return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def _deepspeed(model: nn.Module, lr: float) -> Wrapped:

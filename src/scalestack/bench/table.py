@@ -24,12 +24,16 @@ def markdown(results: list[BenchResult]) -> str:
         for r in rows:
             b = r.bytes
             lines.append(
-                f"| {r.system} | {r.step_s * 1e3:.1f} | {ref.step_s / r.step_s:.2f}x | {r.peak / MIB:.1f} | "
-                f"{ref.peak / r.peak:.2f}x | {b['ag'] / MIB:.2f} | {b['rs'] / MIB:.2f} | {b['ar'] / MIB:.2f} | "
+                f"| {r.system} | {r.step_s * 1e3:.1f} | {_ratio(ref.step_s, r.step_s)} | {r.peak / MIB:.1f} | "
+                f"{_ratio(ref.peak, r.peak)} | {b['ag'] / MIB:.2f} | {b['rs'] / MIB:.2f} | {b['ar'] / MIB:.2f} | "
                 f"{b['copy'] / MIB:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
 
 
 def plot(results: list[BenchResult], path: Path, title: str) -> None:

@@ -1,11 +1,19 @@
 """``scalestack bench``: one training step of the same GPT, data, AdamW and W under scalestack, PyTorch FSDP2,
 FSDP1, DDP and DeepSpeed ZeRO-3 (when installed: ``pip install 'scalestack[bench]'``), alternated in one run.
 
-Printed per system and W: the median step time (the slowest rank's, over rounds x steps) and the ratio to
-scalestack's (above 1: scalestack is faster), the peak memory per rank during the timed steps above the
-process's memory before the model was built (RSS on the CPU, allocated bytes on CUDA) and its ratio, bytes
-all-gathered, reduce-scattered and all-reduced per step, and bytes written by copy kernels outside
-collectives. Writes bench.md, bench.png and bench.json into --out.
+Each (round, W, system) runs in fresh processes (one thread per rank on the CPU), so each peak is that
+system's alone; the order of systems rotates every round. Printed per system and W:
+  step (ms)        median step time (the slowest rank's), over rounds x timed steps, after 2 warm-up steps
+  scalestack / it  scalestack's step time (or peak) over this system's: below 1, scalestack is faster (smaller)
+  peak MiB/rank    peak memory per rank during the timed steps, above the process's memory before the model was
+                   built: RSS on the CPU (glibc is told to return freed blocks of 64 KiB or more to the system,
+                   for every system alike, so RSS follows live tensors), allocated bytes on CUDA
+  AG / RS / AR     bytes all-gathered (output size), reduce-scattered (input size), all-reduced (tensor size)
+                   per step: tensor sizes, not bytes on the wire (a ring all-reduce sends about twice its size)
+  copy             bytes written by copy kernels outside collectives in forward + backward (copy_, _to_copy,
+                   split_with_sizes_copy, chunk_cat, FSDP2's all_gather_copy_in; not cat or stack, which
+                   the model's own forward and backward call under every system alike)
+Writes bench.md, bench.png and bench.json into --out.
 """
 
 from __future__ import annotations
