@@ -38,6 +38,8 @@ def test_bench_writes_table_plot_and_counts_traffic(tmp_path):
     assert rows["scalestack"]["copy"] == 0  # zero-copy in fp32; FSDP2 copies in before and out after each gather
     assert rows["fsdp2"]["copy"] >= rows["fsdp2"]["ag"] * (1 + 1 / 2)
     assert all(len(r["times"]) == 2 and r["peak_bytes"] > 0 for r in rows.values())  # 2 rounds x 1 step
+    assert all(set(r["phase_peak_bytes"]) == {"forward", "backward", "update"} for r in rows.values())
+    assert "peak MiB/rank by phase" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -33,17 +33,36 @@ every = 3
 
 DYING = """
 import os, signal, sys
+import torch.distributed.checkpoint as dcp
 import scalestack.train.trainer as trainer
 from scalestack.cli.main import main
 
-batch = trainer.global_batch
+batch, save, write = trainer.global_batch, trainer.checkpoint.save, dcp.save
+where = sys.argv.pop(1)  # "batch": before step 6; "save": while saving step 6 (checkpoints: every 3)
+victim = os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+saving_step_6 = False
 
-def dying(tokens, step, *args):  # rank 1 dies before step 6 of the first attempt (checkpoints: every 3)
-    if step == 5 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+
+def dying_batch(tokens, step, *args):
+    if where == "batch" and step == 5 and victim:
         os.kill(os.getpid(), signal.SIGKILL)
     return batch(tokens, step, *args)
 
-trainer.global_batch = dying
+
+def flagged_save(path, *args, **kwargs):
+    global saving_step_6
+    saving_step_6 = path.name == "step_6"
+    return save(path, *args, **kwargs)
+
+
+def dying_write(*args, **kwargs):  # rank 1 dies after writing its files, before the checkpoint is published
+    out = write(*args, **kwargs)
+    if where == "save" and saving_step_6 and victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+
+trainer.global_batch, trainer.checkpoint.save, dcp.save = dying_batch, flagged_save, dying_write
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -95,20 +114,28 @@ def test_train_resume_and_world_size_independence(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]  # no step twice
     for step in range(7, 10):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
-    # a rank SIGKILLed mid-run under torchrun --max-restarts=1: every rank restarts from the step-3 checkpoint
-    killed = tmp_path / "killed"
-    (tmp_path / "killed.toml").write_text(CONFIG.format(run_dir=killed, steps=9))
+    # a rank SIGKILLed under torchrun --max-restarts=1, mid-run or mid-save: all restart from step 3's checkpoint
     (tmp_path / "dying.py").write_text(DYING)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-               str(tmp_path / "dying.py"), "train", str(tmp_path / "killed.toml")]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "exitcode: -9" in out.stderr and "resumed from step 3" in out.stdout, out.stdout + out.stderr[-3000:]
-    rows = (killed / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]
-    for step, loss in losses(killed).items():
-        assert loss == pytest.approx(a[step], rel=1e-5), step
-    for run in (whole, part, killed):  # TensorBoard holds every step once, as metrics.csv does (resumes purge)
+    killed = {}
+    for where in ("batch", "save"):
+        killed[where] = run_dir = tmp_path / f"killed_{where}"
+        (tmp_path / f"{where}.toml").write_text(CONFIG.format(run_dir=run_dir, steps=9))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "--max-restarts=1", str(tmp_path / "dying.py"), where, "train",
+                   str(tmp_path / f"{where}.toml")]  # fmt: skip
+        out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "exitcode: -9" in out.stderr and "resumed from step 3" in out.stdout, out.stdout + out.stderr[-3000:]
+        rows = (run_dir / "metrics.csv").read_text().splitlines()
+        assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]
+        for step, loss in losses(run_dir).items():
+            assert loss == pytest.approx(a[step], rel=1e-5), (where, step)
+    assert not any(p.name.endswith(".incomplete") for p in (killed["save"] / "checkpoints").iterdir())
+    for run in (
+        whole,
+        part,
+        *killed.values(),
+    ):  # TensorBoard holds every step once, as metrics.csv does (resumes purge)
         assert board_losses(run) == pytest.approx(losses(run), rel=1e-6)
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
     assert one.returncode == 0, one.stderr[-2000:]

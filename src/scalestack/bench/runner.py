@@ -36,6 +36,7 @@ class BenchResult:
     world: int
     times: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
+    phase_peaks: list[dict[str, int]] = field(default_factory=list)  # per round: forward, backward, update
     bytes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -45,6 +46,10 @@ class BenchResult:
     @property
     def peak(self) -> int:
         return max(self.peaks)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        return {k: max(p[k] for p in self.phase_peaks) for k in self.phase_peaks[0]}
 
 
 def _free_port() -> int:
@@ -79,30 +84,46 @@ def _worker(rank: int, world: int, port: int, system: str, model_name: str, batc
     run = wrap(system, model, list(model.layers), device, 1e-4)
     g = torch.Generator().manual_seed(100 + rank)
 
-    def step() -> None:
-        x = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=g).to(device)
-        run.step(run.forward(x))
+    def batch_of_tokens() -> torch.Tensor:
+        return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=g).to(device)
+
+    def reset_peak() -> None:
+        torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
+
+    def peak_now() -> int:
+        return (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
 
     times = []
     for i in range(steps + WARMUP_STEPS):
         dist.barrier()
         if i == WARMUP_STEPS:
-            torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
+            reset_peak()
         t0 = time.perf_counter()
-        step()
+        run.backward(run.forward(batch_of_tokens()))
+        run.update()
         if cuda:
             torch.cuda.synchronize()
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
-    counter.enabled = True  # one more step, counted (the dispatch mode slows it: not timed)
+    peak = peak_now()
+    counter.enabled = True  # one more step, counted, its peak phase by phase (the counters slow it: not timed)
     copies = CopyCounter(counter)
+    phases = {}
+    x = batch_of_tokens()
     with copies:
-        step()
+        reset_peak()
+        loss = run.forward(x)
+        phases["forward"] = peak_now()
+        reset_peak()
+        run.backward(loss)
+        phases["backward"] = peak_now()
+    reset_peak()
+    run.update()
+    phases["update"] = peak_now()
     counter.enabled = False
     if system == "ddp":  # one all-reduce of every gradient, in buckets
         counter.bytes["ar"] = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
-    results.put((rank, {"times": times, "peak": peak, "copy": copies.bytes, **counter.bytes}))
+    results.put((rank, {"times": times, "peak": peak, "phases": phases, "copy": copies.bytes, **counter.bytes}))
     dist.destroy_process_group()
 
 
@@ -136,6 +157,7 @@ def _run_once(system: str, world: int, model: str, batch: int, steps: int, devic
     return {
         "times": [max(ts) for ts in zip(*(out[r]["times"] for r in range(world)))],  # a step ends on the slowest
         "peak": max(out[r]["peak"] for r in range(world)),
+        "phases": {k: max(out[r]["phases"][k] for r in range(world)) for k in out[0]["phases"]},
         "bytes": {k: out[0][k] for k in ("ag", "rs", "ar", "copy")},
     }
 
@@ -167,6 +189,7 @@ def run_bench(systems: list[str], worlds: list[int], *, model: str = "gpt-30m", 
                 acc = results[(w, s)]
                 acc.times += res["times"]
                 acc.peaks.append(res["peak"])
+                acc.phase_peaks.append(res["phases"])
                 acc.bytes = res["bytes"]
                 log(f"  round {r + 1}  W={w}  {s:10s}  median step {statistics.median(res['times']) * 1e3:8.1f} ms"
                     f"  peak {res['peak'] / 2**20:7.1f} MiB")  # fmt: skip

@@ -21,11 +21,13 @@ def available(system: str) -> bool:
 
 @dataclass
 class Wrapped:
-    """A sharded model's training step as its system runs it: ``loss(x) -> loss``, then ``step(loss)``."""
+    """A sharded model's training step as its system runs it, in three phases (measured one by one):
+    ``loss = forward(x)``, ``backward(loss)``, ``update()`` (optimizer step, gradients cleared)."""
 
     model: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
-    step: Callable[[torch.Tensor], None]
+    backward: Callable[[torch.Tensor], None]
+    update: Callable[[], None]
 
 
 def wrap(system: str, model: nn.Module, blocks: list[nn.Module], device: torch.device, lr: float) -> Wrapped:
@@ -55,12 +57,11 @@ def wrap(system: str, model: nn.Module, blocks: list[nn.Module], device: torch.d
         raise ValueError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
-    def step(loss: torch.Tensor) -> None:
-        loss.backward()
+    def update() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Wrapped(model, lambda x: model(x, x), step)
+    return Wrapped(model, lambda x: model(x, x), torch.Tensor.backward, update)
 
 
 def _deepspeed(model: nn.Module, lr: float) -> Wrapped:
@@ -80,8 +81,4 @@ def _deepspeed(model: nn.Module, lr: float) -> Wrapped:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
 
-    def step(loss: torch.Tensor) -> None:
-        engine.backward(loss)
-        engine.step()  # also zeroes the gradients
-
-    return Wrapped(engine, lambda x: engine(x, x), step)
+    return Wrapped(engine, lambda x: engine(x, x), engine.backward, engine.step)  # step also zeroes gradients

@@ -28,6 +28,13 @@ def markdown(results: list[BenchResult]) -> str:
                 f"{_ratio(ref.peak, r.peak)} | {b['ag'] / MIB:.2f} | {b['rs'] / MIB:.2f} | {b['ar'] / MIB:.2f} | "
                 f"{b['copy'] / MIB:.2f} |"
             )
+        lines += ["", f"W={w}, peak MiB/rank by phase of one step (each phase's own peak):", "",
+                  "| system | forward | backward | optimizer step |", "|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            p = r.phases
+            lines.append(
+                f"| {r.system} | {p['forward'] / MIB:.1f} | {p['backward'] / MIB:.1f} | {p['update'] / MIB:.1f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

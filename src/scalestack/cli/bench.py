@@ -13,6 +13,7 @@ system's alone; the order of systems rotates every round. Printed per system and
   copy             bytes written by copy kernels outside collectives in forward + backward (copy_, _to_copy,
                    split_with_sizes_copy, chunk_cat, FSDP2's all_gather_copy_in; not cat or stack, which
                    the model's own forward and backward call under every system alike)
+  by phase         one more step's peak per rank in forward, backward and the optimizer step, each from a reset
 Writes bench.md, bench.png and bench.json into --out.
 """
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(header + "\n\n" + table)
     plot(results, out / "bench.png", header)
     rows = [{"system": r.system, "world": r.world, "step_s": r.step_s, "times": r.times, "peak_bytes": r.peak,
-             **r.bytes} for r in results]  # fmt: skip
+             "phase_peak_bytes": r.phases, **r.bytes} for r in results]  # fmt: skip
     (out / "bench.json").write_text(json.dumps({"header": header, "results": rows}, indent=1))
     print(f"wrote {out / 'bench.md'}, {out / 'bench.png'}, {out / 'bench.json'}")
     return 0

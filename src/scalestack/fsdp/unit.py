@@ -171,7 +171,7 @@ class ShardedUnit:
 
     # ---------------------------------------------------------------- all-gather / free
     def profile_range(self, phase: str) -> torch.profiler.record_function:
-        """A profiler range named by phase and unit, as FSDP2 names its own: ``scalestack::pre_forward (layers.0)``."""
+        """A profiler range named by phase and unit in FSDP2's style: ``scalestack::pre_forward (layers.0)``."""
         return torch.profiler.record_function(f"scalestack::{phase} ({self.name})")
 
     def unshard(self, async_op: bool = False) -> None:
