@@ -106,9 +106,14 @@ def test_train_resume_and_world_size_independence(tmp_path):
     # as if the job had died after step 6: its last checkpoint and metrics are step 6's
     part = tmp_path / "part"
     shutil.copytree(whole, part)
-    shutil.rmtree(part / "checkpoints" / "step_9")  # metrics.csv keeps its rows 7-9: the resume drops them
+    data = max((f for f in (part / "checkpoints" / "step_9").iterdir() if f.suffix == ".distcp"),
+               key=lambda f: f.stat().st_size)  # fmt: skip
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte: step 9's checkpoint is skipped for step 6's
+    data.write_bytes(bytes(damaged))  # metrics.csv keeps its rows 7-9: the resume drops them
     resumed, _ = train(tmp_path, "part", 9, 2)
     assert resumed.returncode == 0 and "resumed from step 6" in resumed.stdout, resumed.stdout + resumed.stderr[-2000:]
+    assert "skipping checkpoint" in resumed.stdout and "CRC-32" in resumed.stdout, resumed.stdout
     b = losses(part)
     rows = (part / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 10)]  # no step twice
@@ -137,6 +142,11 @@ def test_train_resume_and_world_size_independence(tmp_path):
         *killed.values(),
     ):  # TensorBoard holds every step once, as metrics.csv does (resumes purge)
         assert board_losses(run) == pytest.approx(losses(run), rel=1e-6)
+    changed = tmp_path / "changed"  # resumed with another seed: said, since the data from here differs
+    shutil.copytree(whole, changed)
+    out, _ = train(tmp_path, "changed", 10, 2, "--train.seed=5")
+    assert out.returncode == 0 and "resumed from step 9" in out.stdout, out.stderr[-2000:]
+    assert "data settings changed since the checkpoint (seed 0 -> 5)" in out.stdout, out.stdout
     one, single = train(tmp_path, "single", 9, 1, "--checkpoint.every=0")
     assert one.returncode == 0, one.stderr[-2000:]
     for step, loss in losses(single).items():

@@ -66,10 +66,10 @@ def test_progress_redraws_on_a_terminal_and_logs_lines_elsewhere():
 
 
 def test_tokens_from_a_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train([str(SHIPPED_TEXT)], trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"]))
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -79,6 +79,14 @@ def test_tokens_from_a_tokenizer_json(tmp_path):
     assert vocab_size(str(path)) == tok.get_vocab_size() and int(ids.max()) < vocab_size(str(path))
     assert len(text.encode()) / ids.numel() > 1.5  # merges: fewer tokens than bytes
     assert vocab_size(None) == 256 and load_tokens(None).dtype == torch.uint8
+    import scalestack.train.data as data
+
+    small, data.PIECE_CHARS = data.PIECE_CHARS, 1000  # pieces cut at line ends: the text survives whole
+    try:
+        pieces = load_tokens(None, str(path))
+    finally:
+        data.PIECE_CHARS = small
+    assert tok.decode(pieces.tolist()) == tok.decode(ids.tolist()) == text and abs(pieces.numel() - ids.numel()) < 20
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="is not a tokenizer.json"):
         load_tokens(None, str(tmp_path / "bad.json"))

@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train.config import check_world, load_config
     from ..train.trainer import preflight, train
 
-    config = load_config(args.config, args.overrides)  # before any launch: a bad config fails once, clearly
-    preflight(config)
     if args.max_restarts and args.nproc is None:
         raise ValueError("--max-restarts needs --nproc (under torchrun, pass --max-restarts to torchrun instead)")
+    config = load_config(args.config, args.overrides)  # before any launch: a bad config fails once, clearly
+    preflight(config)
     if args.nproc is not None and "RANK" not in os.environ:
         if args.nproc < 1 or args.max_restarts < 0:
             raise ValueError(f"need --nproc >= 1 and --max-restarts >= 0, got {args.nproc} and {args.max_restarts}")

@@ -11,6 +11,8 @@ import torch
 
 SHIPPED_TEXT = Path(__file__).resolve().parents[3] / "data" / "public_domain.txt"
 BYTE_VOCAB = 256
+PIECE_CHARS = 2**20  # a tokenizer encodes the text in pieces of about this size, cut at line ends (one
+# that adds a prefix space adds it to each piece: one token per MiB of text)
 
 
 def load_tokens(path: str | None, tokenizer: str | None = None) -> torch.Tensor:
@@ -31,9 +33,9 @@ def load_tokens(path: str | None, tokenizer: str | None = None) -> torch.Tensor:
     else:
         text = source.read_text(encoding="utf-8")
     if tokenizer is not None:  # in pieces of about 1 MiB cut at line ends: ids only, not one huge Encoding
-        pieces = [text[i : j + 1] for i, j in _line_cuts(text, 2**20)]
+        pieces = [text[i : j + 1] for i, j in _line_cuts(text, PIECE_CHARS)]
         encoded = load_tokenizer(tokenizer).encode_batch(pieces, add_special_tokens=False)
-        data = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
+        data = torch.cat([torch.tensor(e.ids, dtype=torch.int32) for e in encoded])
     else:
         data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # ids widen per batch
     if data.numel() < 2:

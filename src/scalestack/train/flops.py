@@ -3,13 +3,14 @@ hardware could do in the step's time."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 import torch.nn as nn
 
 # Dense peak TFLOP/s per GPU from the vendors' data sheets, without sparsity: (bf16, tf32, fp32). Matched
-# in this order against the device name, so that "L40S" is not read as "L40" nor "L40" as "L4".
+# in this order against the words of the device name ("A10G" is not "A10"; "H100 PCIe" before "H100").
 GPU_PEAK_TFLOPS = {
     "H100 PCIe": (756.0, 378.0, 51.2),
     "H200": (989.0, 494.0, 67.0),
@@ -32,7 +33,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     tied = head is not None and any(head.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
     matmul = params - embeddings + (head.weight.numel() if tied else 0)
     config = getattr(model, "cfg", None) or getattr(model, "config", None)
-    experts, active = getattr(config, "num_local_experts", None), getattr(config, "num_experts_per_tok", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    active = getattr(config, "num_experts_per_tok", None)
     if experts and active:  # mixture of experts: a token passes through `active` of `experts` experts only
         expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         matmul -= expert_params * (1 - active / experts)
@@ -49,9 +51,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     if configured_tflops > 0:
         return configured_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        words = set(re.split(r"[\s-]+", torch.cuda.get_device_name(device)))  # "NVIDIA H100 80GB HBM3"
         for key, (bf16, tf32, fp32) in GPU_PEAK_TFLOPS.items():
-            if all(word in name for word in key.split()):
+            if set(key.split()) <= words and "NVL" not in words:  # NVL boards (other peaks): measured
                 if dtype == torch.bfloat16:
                     return bf16 * 1e12
                 return (tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32) * 1e12

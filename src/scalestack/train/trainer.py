@@ -8,6 +8,7 @@ the step only, and a checkpoint stores the step, so a resumed run (at any W) con
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 import time
@@ -247,8 +248,9 @@ def train_step(model: nn.Module, opts: list[torch.optim.Optimizer], micro_batche
 def _data_settings(config: Config) -> dict:
     """What fixes the data a step sees: a resumed run with other values continues on other data."""
     d, t = config.data, config.train
-    return {"path": d.path or "<shipped>", "tokenizer": d.tokenizer or "<bytes>", "seq_len": d.seq_len,
-            "global_batch": t.global_batch, "seed": t.seed}  # fmt: skip
+    return {"path": str(Path(d.path).resolve()) if d.path else "<shipped>",
+            "tokenizer": str(Path(d.tokenizer).resolve()) if d.tokenizer else "<bytes>",
+            "seq_len": d.seq_len, "global_batch": t.global_batch, "seed": t.seed}  # fmt: skip
 
 
 def _resume(ckpt_dir: Path, model: nn.Module, opts: list[torch.optim.Optimizer], config: Config, rank: int) -> int:
@@ -277,6 +279,15 @@ def _init_launched_group(backend: str) -> None:
     each node's TORCHELASTIC_RESTART_COUNT differs once a healthy node is restarted for a membership change."""
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = (store.add("scalestack/ranks_joined", 1) - 1) // world  # every rank joins once per attempt
+    if store.add(f"scalestack/attempt_{attempt}/arrived", 1) == world:
+        store.set(f"scalestack/attempt_{attempt}/complete", "1")
+    try:
+        store.wait([f"scalestack/attempt_{attempt}/complete"], datetime.timedelta(minutes=5))
+    except Exception:  # DistStoreError on a timeout
+        raise RuntimeError(
+            f"rank {rank}: not all {world} ranks joined attempt {attempt} within 5 minutes. A rank that died "
+            "before joining in an earlier attempt shifts the count: start the job again (a new torchrun)"
+        ) from None
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
 
 
