@@ -169,10 +169,16 @@ def test_train_resume_and_world_size_independence(tmp_path):
         ("--train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
     ],
 )
-def test_bad_configs_are_one_clear_error(tmp_path, override, message):
-    out, _ = train(tmp_path, "bad", 3, 2, override)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+def test_bad_configs_are_one_clear_error(tmp_path, capsys, override, message):
+    """In this process: the checks run before anything is launched."""
+    from scalestack.cli.main import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text(CONFIG.format(run_dir=tmp_path / "bad", steps=3))
+    assert main(["train", str(config), "--nproc", "2", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()  # nothing ran
 
 
 def test_variants_run(tmp_path):
