@@ -18,6 +18,7 @@ neither prefetch nor reshard. The unit does the work; the hooks in ``state.py`` 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from enum import Enum, auto
 
@@ -171,7 +172,10 @@ class ShardedUnit:
 
     # ---------------------------------------------------------------- all-gather / free
     def profile_range(self, phase: str) -> torch.profiler.record_function:
-        """A profiler range named by phase and unit in FSDP2's style: ``scalestack::pre_forward (layers.0)``."""
+        """A profiler range named by phase and unit in FSDP2's style: ``scalestack::pre_forward (layers.0)``
+        (nothing, not even the name, while no profiler runs: these wrap hooks of every step)."""
+        if not torch.autograd._profiler_enabled():
+            return contextlib.nullcontext()
         return torch.profiler.record_function(f"scalestack::{phase} ({self.name})")
 
     def unshard(self, async_op: bool = False) -> None:
