@@ -4,6 +4,7 @@ W sees the same data)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def _line_cuts(text: str, size: int) -> list[tuple[int, int]]:
     return cuts
 
 
+@functools.lru_cache(maxsize=4)  # preflight, the model's vocabulary and the tokens all ask for it
 def load_tokenizer(path: str):
     """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library: the hf extra)."""
     try:

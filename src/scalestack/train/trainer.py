@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import checkpoint
+from ..checkpoint.contents import Optimizers
 from ..checkpoint.directory import CheckpointError, complete_checkpoints
 from ..fsdp import MixedPrecisionPolicy, materialize
 from ..models.gpt import GPT, GPTConfig
@@ -159,9 +160,7 @@ def train(config: Config) -> list[float]:
         if launched:
             _init_launched_group("nccl" if device.type == "cuda" else "gloo")
         else:  # one process without torchrun: a group of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group("gloo", rank=0, world_size=1)
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port needed
     rank, world = dist.get_rank(), dist.get_world_size()
     micro_steps = check_world(config, world)
     t = config.train
@@ -181,7 +180,8 @@ def train(config: Config) -> list[float]:
     if t.meta_init:
         materialize(model, device)
     opts = make_optimizers(model, config)
-    start = _resume(ckpt_dir, model, opts, config, rank)
+    saved_opts = opts if len(opts) > 1 else opts[0]  # what checkpoint.save/load take: one, or a list
+    start = _resume(ckpt_dir, model, saved_opts, config, rank)
     if start >= t.steps:
         _log(rank, f"already at step {start} of train.steps = {t.steps}: raise train.steps to train further")
     metrics_path = run_dir / "metrics.csv"
@@ -216,7 +216,7 @@ def train(config: Config) -> list[float]:
                 progress.update(step + 1, loss_value, row["tokens_per_s"], row["peak_mib"], row["mfu"])
             done = step + 1
             if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == t.steps:
-                checkpoint.save(ckpt_dir / f"step_{done}", model, opts if len(opts) > 1 else opts[0],
+                checkpoint.save(ckpt_dir / f"step_{done}", model, saved_opts,
                                 extra={"step": done, "data": _data_settings(config)},
                                 keep_last=config.checkpoint.keep_last)  # fmt: skip
     finally:
@@ -253,12 +253,12 @@ def _data_settings(config: Config) -> dict:
             "seq_len": d.seq_len, "global_batch": t.global_batch, "seed": t.seed}  # fmt: skip
 
 
-def _resume(ckpt_dir: Path, model: nn.Module, opts: list[torch.optim.Optimizer], config: Config, rank: int) -> int:
+def _resume(ckpt_dir: Path, model: nn.Module, opts: Optimizers, config: Config, rank: int) -> int:
     """Load the newest complete checkpoint that loads (a damaged one is skipped, on every rank alike: load
     raises any rank's error on all); its step, or 0 when there is none."""
     for ckpt in reversed(complete_checkpoints(ckpt_dir)):  # a save a killed rank left unfinished is not one
         try:
-            extra = checkpoint.load(ckpt.path, model, opts if len(opts) > 1 else opts[0])
+            extra = checkpoint.load(ckpt.path, model, opts)
         except CheckpointError as e:
             _log(rank, f"skipping checkpoint {ckpt.path}: {e}")
             continue
@@ -338,11 +338,3 @@ def _tensorboard(run_dir: Path, start: int):
 def _log(rank: int, text: str) -> None:
     if rank == 0:
         print(text, flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
