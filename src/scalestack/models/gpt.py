@@ -40,6 +40,14 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> KVCache:
+        """A cache over existing per-layer ``[batch, heads, max_len, head_dim]`` buffers holding ``length``
+        positions (a server keeps its own buffers between requests)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.length, cache.max_len = keys, values, length, keys[0].shape[2]
+        return cache
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (a row may appear several times: beams of one prompt)."""
         self.keys = [k.index_select(0, index) for k in self.keys]

@@ -8,7 +8,9 @@ the step only, and a checkpoint stores the step, so a resumed run (at any W) con
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
+import json
 import math
 import os
 import time
@@ -187,6 +189,7 @@ def train(config: Config) -> list[float]:
     metrics_path = run_dir / "metrics.csv"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _write_model_card(run_dir / "model.json", model, config)
         _keep_metrics_until(metrics_path, start)  # steps after the checkpoint are run again
     losses = []
     compute_dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
@@ -289,6 +292,17 @@ def _init_launched_group(backend: str) -> None:
             "before joining in an earlier attempt shifts the count: start the job again (a new torchrun)"
         ) from None
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
+
+
+def _write_model_card(path: Path, model: nn.Module, config: Config) -> None:
+    """What ``scalestack serve RUN_DIR`` rebuilds the model from: its architecture, config and tokenizer."""
+    if isinstance(model, GPT):
+        card = {"architecture": "gpt", "config": dataclasses.asdict(model.cfg)}
+    else:
+        card = {"architecture": "hf", "config": model.config.to_dict()}
+    tokenizer = config.data.tokenizer
+    card["tokenizer"] = str(Path(tokenizer).resolve()) if tokenizer else None  # None: UTF-8 bytes
+    path.write_text(json.dumps(card, indent=1, default=str))
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
