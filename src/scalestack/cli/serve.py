@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request and WebSocket")
     p.add_argument("--kv-budget", type=byte_size, default=2 * 2**30,
-                   help="bytes of KV cache kept for all sessions; idle ones are evicted LRU (default 2GiB)")  # fmt: skip
+                   help="bytes of KV cache for all sessions; idle ones are evicted LRU (default 2GiB)")  # fmt: skip
     p.add_argument("--kv-ttl", type=float, default=600.0, help="seconds an idle session's KV cache is kept")
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], help="cast the weights")

@@ -168,8 +168,8 @@ async def _websocket_session(ws: WebSocket, service: ResponsesService, max_age: 
             try:
                 event = _parse_event(message)
                 if running is not None and not running.done():
-                    raise ServeError(409, "response_already_in_flight", "a response is already in progress on "
-                                     "this connection; wait for its terminal event or open another connection")  # fmt: skip
+                    raise ServeError(409, "response_already_in_flight", "a response is in progress on this "
+                                     "connection; wait for its terminal event or open another connection")  # fmt: skip
                 req = service.prepare({k: v for k, v in event.items() if k != "type"}, connection, websocket=True)
             except ServeError as e:
                 await ws.send_text(json.dumps(_error_event(e)))

@@ -59,7 +59,9 @@ class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent)  # fmt: skip
         env.globals["raise_exception"] = _raise
@@ -71,8 +73,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
         try:
-            return self.template.render(messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)  # fmt: skip
+            return self.template.render(
+                messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token,
+            )  # fmt: skip
         except TemplateError:
             raise
         except Exception as e:  # a template raises whatever it likes on a conversation it does not take

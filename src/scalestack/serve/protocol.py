@@ -78,8 +78,9 @@ class EventSequence:
                                      content_index=0, part=_text_part("")))  # fmt: skip
             self.message["content"].append(_text_part(""))
         self.message["content"][0]["text"] += delta
-        events.append(self.event("response.output_text.delta", item_id=self.message["id"],
-                                 output_index=self._index(self.message), content_index=0, delta=delta, logprobs=[]))  # fmt: skip
+        index = self._index(self.message)
+        events.append(self.event("response.output_text.delta", item_id=self.message["id"], output_index=index,
+                                 content_index=0, delta=delta, logprobs=[]))  # fmt: skip
         return events
 
     def close_text(self, status: str) -> list[dict[str, Any]]:

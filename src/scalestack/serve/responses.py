@@ -310,8 +310,8 @@ class ResponsesService:
             self._keep(self.store, req.response_id, record, self.limits.max_stored_responses)
         if req.connection is not None:
             self._keep(req.connection, req.response_id, record, self.limits.connection_responses)
-        if not req.store and req.connection is None and record.cache is not None and not self._refs.get(id(record.cache)):
-            self.pool.drop(record.cache)
+        if not req.store and req.connection is None and record.cache is not None:
+            self.pool.drop(record.cache)  # nobody can continue it
 
     async def respond(self, req: Prepared) -> dict:
         """Run to the end; the final response object."""
