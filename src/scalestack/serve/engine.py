@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import KVCache, KVPool
+from .kv_cache import MIN_CAPACITY, KVCache, KVPool
 from .runners import Runner
 from .sampling import SamplingParams, sample
 from .text_stream import TextStream
@@ -59,6 +59,8 @@ class Engine:
         self._waiting: list[Generation] = []
         self._prefilling: list[Generation] = []
         self._decoding: list[Generation] = []
+        r = runner
+        self.bytes_per_token = 2 * r.layers * r.kv_heads * r.head_dim * torch.finfo(r.dtype).bits // 8
         self._thread = threading.Thread(target=self._run, name="scalestack-engine", daemon=True)
         self.steps = 0
         self.prefilled_tokens = 0
@@ -123,9 +125,12 @@ class Engine:
                 self._finish(gen, "stop")
 
     def _bytes_for(self, gen: Generation) -> int:
-        r = self.runner
-        tokens = gen.ids.numel() + (gen.params.max_tokens if gen.generate else 0)
-        return 2 * r.layers * r.kv_heads * r.head_dim * tokens * torch.finfo(r.dtype).bits // 8
+        """An upper bound of what admitting ``gen`` adds: a copied prefix or a capacity doubling each hold at
+        most the tokens it needs, plus the minimum capacity."""
+        return self.bytes_per_token * (2 * self.tokens_for(gen) + MIN_CAPACITY)
+
+    def tokens_for(self, gen: Generation) -> int:
+        return min(gen.ids.numel() + (gen.params.max_tokens if gen.generate else 0), self.runner.max_positions)
 
     def _attach(self, gen: Generation) -> None:
         """Give ``gen`` a cache: its prefix's, extended in place (the prefix ends at the written frontier and
@@ -144,7 +149,8 @@ class Engine:
             cache.length = length
         cache.users += 1
         self.pool.touch(cache)
-        cache.reserve(min(gen.ids.numel() + (gen.params.max_tokens if gen.generate else 0), r.max_positions))
+        cache.reserve(self.tokens_for(gen))
+        self.pool.measure()
         gen.cache, gen.cached_tokens = cache, length
         gen.stream = TextStream(gen.decode, gen.params.stop)
         gen._generator = gen.params.generator()

@@ -112,5 +112,10 @@ class KVPool:
                     del self._caches[key]
                     cache.free()
                     self.evictions += 1
-            self.peak_bytes = max(self.peak_bytes, total + extra)
             return total + extra <= self.budget
+
+    def measure(self) -> int:
+        """The live bytes now (also kept as ``peak_bytes``)."""
+        total = self.nbytes
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total

@@ -201,6 +201,11 @@ class ResponsesService:
             raise invalid(f"the conversation has {ids.numel()} tokens and the model's context holds "
                           f"{self.model.runner.max_positions}; start a new chain with less input",
                           "input", code="context_length_exceeded")  # fmt: skip
+        need = self.engine.bytes_per_token * (ids.numel() + (params.max_tokens if generate else 0))
+        if need > self.pool.budget:
+            raise invalid(f"this response needs {need} bytes of KV cache and the server's budget is "
+                          f"{self.pool.budget} bytes; ask for fewer max_output_tokens or start a new chain",
+                          "max_output_tokens", code="kv_budget_exceeded")  # fmt: skip
         body = {**body, "instructions": instructions, "tools": body.get("tools") or [], "tool_choice": "auto",
                 "max_output_tokens": params.max_tokens, "store": store}  # fmt: skip
         return Prepared(body, new_id("resp"), ids, params, messages, call_names, setup, generate,
@@ -310,7 +315,8 @@ class ResponsesService:
             self._keep(self.store, req.response_id, record, self.limits.max_stored_responses)
         if req.connection is not None:
             self._keep(req.connection, req.response_id, record, self.limits.connection_responses)
-        if not req.store and req.connection is None and record.cache is not None:
+        unreferenced = record.cache is not None and not self._refs.get(id(record.cache))
+        if not req.store and req.connection is None and unreferenced:
             self.pool.drop(record.cache)  # nobody can continue it
 
     async def respond(self, req: Prepared) -> dict:

@@ -8,6 +8,7 @@ own cache, so nothing is padded or copied. A Hugging Face model decodes a left-p
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol
 
 import torch
@@ -82,6 +83,8 @@ class HFRunner:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 2**31
+        params = inspect.signature(model.forward).parameters  # transformers 5.x renamed past_key_values
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         from transformers import DynamicCache
@@ -92,7 +95,12 @@ class HFRunner:
                 cache.update(k, v, layer)
         return cache
 
-    def _new_kv(self, cache, start: int, end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _run(self, past, **inputs):
+        """The model's logits; ``past`` (a DynamicCache) has grown by the new tokens."""
+        return self.model(**inputs, **{self.cache_arg: past}, use_cache=True).logits
+
+    @staticmethod
+    def _new_kv(cache, start: int, end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = cache.layers
         return [layer.keys[:, :, start:end] for layer in layers], [layer.values[:, :, start:end] for layer in layers]
 
@@ -100,13 +108,12 @@ class HFRunner:
         start, n = cache.length, ids.numel()
         past = self._cache([k[:, :, :start] for k in cache.keys], [v[:, :, :start] for v in cache.values])
         positions = torch.arange(start, start + n, device=self.device)[None]
-        out = self.model(input_ids=ids[None].to(self.device), past_key_values=past, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)  # fmt: skip
-        keys, values = self._new_kv(out.past_key_values, start, start + n)
+        logits = self._run(past, input_ids=ids[None].to(self.device), position_ids=positions, logits_to_keep=1)
+        keys, values = self._new_kv(past, start, start + n)
         for dst, src in zip(cache.keys + cache.values, keys + values):
             dst[:, :, start : start + n] = src
         cache.length = start + n
-        return out.logits[0, -1]
+        return logits[0, -1]
 
     def decode(self, caches: list[KVCache], ids: torch.Tensor) -> torch.Tensor:
         lengths = [c.length for c in caches]
@@ -124,12 +131,12 @@ class HFRunner:
         for b, n in enumerate(lengths):
             mask[b, L - n :] = 1
         positions = torch.tensor(lengths, device=self.device)[:, None]
-        out = self.model(input_ids=ids[:, None].to(self.device), attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache(keys, values), use_cache=True)  # fmt: skip
-        new_keys, new_values = self._new_kv(out.past_key_values, L, L + 1)
+        past = self._cache(keys, values)
+        logits = self._run(past, input_ids=ids[:, None].to(self.device), attention_mask=mask, position_ids=positions)
+        new_keys, new_values = self._new_kv(past, L, L + 1)
         for b, cache in enumerate(caches):
             for layer in range(self.layers):
                 cache.keys[layer][0, :, lengths[b]] = new_keys[layer][b, :, 0]
                 cache.values[layer][0, :, lengths[b]] = new_values[layer][b, :, 0]
             cache.length += 1
-        return out.logits[:, -1]
+        return logits[:, -1]
