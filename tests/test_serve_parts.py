@@ -72,7 +72,8 @@ def test_items_become_chat_messages_and_bad_items_are_named():
     names: dict[str, str] = {}
     messages = to_messages([
         {"role": "developer", "content": "rules"},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"x": 1}'},
         {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
         {"type": "reasoning", "summary": []},
@@ -96,7 +97,7 @@ def test_text_stream_holds_back_stop_strings_and_split_characters():
     stream = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), ["<|im_end|>"])
     out = "".join(stream.push(b) for b in "héllo <|im".encode())
     assert out == "héllo "  # "<|im" may start the stop string: held back
-    out += "".join(stream.push(b) for b in "_end|>tail".encode())
+    out += "".join(stream.push(b) for b in b"_end|>tail")
     assert out == "héllo " and stream.stopped_by == "<|im_end|>"
     stream = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), ["STOP"])
     assert "".join(stream.push(b) for b in b"ab ST") == "ab "
@@ -170,8 +171,10 @@ def run_engine(runner, requests: list[tuple[list[int], tuple | None]], n: int, p
 
     async def main():
         loop = asyncio.get_running_loop()
-        gens = [Generation(torch.tensor(ids), SamplingParams(temperature=0, max_tokens=n), prefix, True, loop,
-                           asyncio.Queue(), lambda x: bytes(x).decode("utf-8", "replace")) for ids, prefix in requests]  # fmt: skip
+        decode = lambda x: bytes(x).decode("utf-8", "replace")  # noqa: E731
+        params = SamplingParams(temperature=0, max_tokens=n)
+        gens = [Generation(torch.tensor(ids), params, prefix, True, loop, asyncio.Queue(), decode)
+                for ids, prefix in requests]  # fmt: skip
         for g in gens:
             engine.submit(g)
         for g in gens:
