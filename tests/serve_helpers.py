@@ -135,8 +135,8 @@ class ScriptedRunner:
         context = bytes(ids).decode("utf-8", errors="replace")
         start = context.rfind("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
         written, script = context[start:].encode(), self.reply(context[:start]).encode()
-        logits = torch.zeros(256, dtype=torch.float64)
-        logits[script[len(written)] if len(written) < len(script) else ord("\n")] = 1.0
+        logits = torch.full((256,), -1e9, dtype=torch.float64)  # deterministic at any temperature
+        logits[script[len(written)] if len(written) < len(script) else ord("\n")] = 0.0
         return logits
 
     def prefill(self, cache, ids: torch.Tensor) -> torch.Tensor:

@@ -214,8 +214,9 @@ class ResponsesService:
 
     def _sampling(self, body: dict) -> SamplingParams:
         limit = self.limits.max_output_tokens
-        max_tokens = body.get("max_output_tokens") or self.limits.default_output_tokens
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
+        max_tokens = body.get("max_output_tokens")
+        max_tokens = self.limits.default_output_tokens if max_tokens is None else max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
             raise invalid(f"max_output_tokens must be an integer from 1 to {limit}", "max_output_tokens")
         temperature = body.get("temperature", 1.0)
         temperature = 1.0 if temperature is None else temperature
@@ -289,8 +290,7 @@ class ResponsesService:
             if status == "failed":
                 response["error"] = {"code": "server_error", "message": f"generation failed ({reason[7:]})"}
                 log.error("response %s failed: %s", req.response_id, reason)
-            if status in ("completed", "incomplete"):
-                self._remember(req, gen, out_ids, reason)
+            self._remember(req, gen, out_ids, reason, keep_cache=status != "failed")
             yield seq.lifecycle(f"response.{status}" if status != "cancelled" else "response.cancelled")
         finally:
             if not done:
@@ -298,7 +298,9 @@ class ResponsesService:
             self.running.pop(req.response_id, None)
             finished.set()
 
-    def _remember(self, req: Prepared, gen: Generation, out_ids: list[int], reason: str) -> None:
+    def _remember(self, req: Prepared, gen: Generation, out_ids: list[int], reason: str, keep_cache: bool) -> None:
+        """Store the finished response (a cancelled one too: it continues from what it wrote); a failed one's
+        cache is dropped, its continuation prefills again."""
         text = "".join(part["text"] for item in req.response["output"] if item["type"] == "message"
                        for part in item["content"])  # fmt: skip
         calls = [item for item in req.response["output"] if item["type"] == "function_call"]
@@ -309,8 +311,11 @@ class ResponsesService:
         if reason == "stop" and req.generate:  # the closing text the model wrote: decoded tokens past the text
             consumed = self.model.tokenizer.decode(out_ids)[len(gen.stream.text) :]
         ids = torch.cat([req.ids, torch.tensor(out_ids, dtype=torch.int32)])
-        record = Record(req.response, messages, req.call_names, ids, req.setup, consumed, gen.cache,
-                        gen.cache.length if gen.cache is not None else 0)  # fmt: skip
+        cache = gen.cache if keep_cache else None
+        if not keep_cache and gen.cache is not None and not self._refs.get(id(gen.cache)):
+            self.pool.drop(gen.cache)
+        record = Record(req.response, messages, req.call_names, ids, req.setup, consumed, cache,
+                        cache.length if cache is not None else 0)  # fmt: skip
         if req.store:
             self._keep(self.store, req.response_id, record, self.limits.max_stored_responses)
         if req.connection is not None:

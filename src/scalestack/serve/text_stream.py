@@ -29,7 +29,9 @@ class TextStream:
         return self._take(len(text) - hold)
 
     def finish(self) -> str:
-        """The held-back rest, once no more tokens come."""
+        """The held-back rest, once no more tokens come (a character cut at the end decodes as U+FFFD)."""
+        if self.stopped_by is None:
+            self.text = self.decode(self.ids)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
