@@ -184,8 +184,11 @@ def test_streaming_function_calls_and_their_outputs(tmp_path):
 def test_sampling_with_a_seed_and_stop_sequences(gpt):
     server, _ = gpt
     c = client(server)
-    ask = lambda seed, **kw: c.responses.create(model="tiny-gpt", input="hello", temperature=1.0, top_p=0.95,  # noqa: E731
-                                                max_output_tokens=24, extra_body={"seed": seed, **kw}).output_text  # fmt: skip
+
+    def ask(seed: int) -> str:
+        return c.responses.create(model="tiny-gpt", input="hello", temperature=1.0, top_p=0.95, max_output_tokens=24,
+                                  extra_body={"seed": seed}).output_text  # fmt: skip
+
     assert ask(5) == ask(5) != ask(6)
     full = c.responses.create(model="tiny-gpt", input="hello", max_output_tokens=24, temperature=0).output_text
     stop = next(ch for ch in full[3:] if ch.isascii() and ch.isprintable())  # a whole character of the output
