@@ -139,6 +139,7 @@ async def _websocket_session(ws: WebSocket, service: ResponsesService, max_age: 
     """One WebSocket connection: ``response.create`` events run one at a time; an error is an ``error``
     event and the connection stays usable; the connection's own responses chain without being stored."""
     await ws.accept()
+    service.websockets_opened += 1
     opened = time.monotonic()
     connection: OrderedDict = OrderedDict()
     running: asyncio.Task | None = None

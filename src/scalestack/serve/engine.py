@@ -21,7 +21,7 @@ from .text_stream import TextStream
 log = logging.getLogger("scalestack.serve")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (its fields hold tensors)
 class Generation:
     """One request to the engine. ``prefix`` is (cache, length) of a cached prefix of ``ids``, or None;
     events go to ``events`` on the submitting loop: ("start", cached_tokens), ("text", delta) and

@@ -79,6 +79,7 @@ class ResponsesService:
         self.running: dict[str, tuple[Generation, dict, asyncio.Event]] = {}
         self._refs: dict[int, int] = {}  # cache id -> records holding it
         self.draining = False
+        self.websockets_opened = 0
 
     # --- records and their caches ---
 
