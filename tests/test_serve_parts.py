@@ -43,13 +43,17 @@ def test_tail_continues_the_exact_prefix_of_the_full_rendering():
     assert tail == "<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_prefill_only_prefix_and_its_tail_give_the_full_rendering():
-    first = [SYSTEM, user("warm")]
-    open_text = CHATML.open_prefix(first, None)
-    assert open_text.endswith("user\nwarm")
-    assert open_text + CHATML.tail(first, [user("go")], None) == CHATML.prompt([*first, user("go")], None)
-    middle = CHATML.tail(first, [user("more")], None, generate=False)
-    assert middle == "<|im_end|>\n<|im_start|>user\nmore"
+def test_prefill_only_text_and_the_next_tail_give_the_full_rendering():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    first = [SYSTEM]  # a warmup of the instructions and tools alone
+    text, closing = CHATML.prefill_text([], first, tools)
+    assert text == CHATML.render(first, tools, add_generation_prompt=False) and "# Tools" in closing
+    tail = CHATML.tail(first, [user("go")], tools)
+    assert tail.startswith(closing)
+    assert text + tail[len(closing) :] == CHATML.prompt([*first, user("go")], tools)
+    more, closing = CHATML.prefill_text(first, [user("more")], tools)  # a warmup continuing a chain
+    assert more.endswith("<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n") and closing == "<|im_end|>\n"
+    assert CHATML.prefill_text(first, [], tools) == ("", "")
 
 
 def test_a_template_that_raises_or_drops_content_is_a_clear_error():

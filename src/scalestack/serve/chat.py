@@ -86,22 +86,26 @@ class ChatTemplate:
         """The first turn: the whole conversation and the generation prompt."""
         return self.render(messages, tools, add_generation_prompt=True)
 
-    def open_prefix(self, messages: list[dict], tools: list[dict] | None) -> str:
-        """The conversation up to the end of its last message's content (its closing left out): what a
-        prefill-only turn holds, so that a continuation's tail starts with that closing."""
-        text = self.render(_mark_last(messages), tools, add_generation_prompt=False)
-        return text[: _sentinel_at(text)]
-
-    def tail(self, history: list[dict], new: list[dict], tools: list[dict] | None, generate: bool = True) -> str:
+    def tail(self, history: list[dict], new: list[dict], tools: list[dict] | None) -> str:
         """The text after ``history``'s last message content: its closing, the ``new`` messages and the
-        generation prompt (without ``generate``: up to the end of the last new message's content)."""
-        if generate:
-            text = self.render(_mark_last(history) + new, tools, add_generation_prompt=True)
-            return text[_sentinel_at(text) + len(SENTINEL) :]
+        generation prompt."""
+        text = self.render(_mark_last(history) + new, tools, add_generation_prompt=True)
+        return text[_sentinel_at(text) + len(SENTINEL) :]
+
+    def prefill_text(self, history: list[dict], new: list[dict], tools: list[dict] | None) -> tuple[str, str]:
+        """A prefill-only turn's text after ``history``'s last content (from the start without history) and
+        its end that is the last new message's closing, which the next turn's tail starts with. When the
+        template renders a message differently once it is followed by more, the closing is left out."""
         if not new:
-            return ""
-        text = self.render(_mark_last(history) + _mark_last(new), tools, add_generation_prompt=False)
-        return text[text.find(SENTINEL) + len(SENTINEL) : _sentinel_at(text)]
+            return "", ""
+        base = _mark_last(history) if history else []
+        full = self.render(base + new, tools, add_generation_prompt=False)
+        start = _sentinel_at(full) + len(SENTINEL) if history else 0
+        marked = self.render(base + _mark_last(new), tools, add_generation_prompt=False)
+        open_part = marked[start : _sentinel_at(marked)]
+        if full[start:].startswith(open_part):
+            return full[start:], full[start + len(open_part) :]
+        return open_part, ""
 
 
 def _mark_last(messages: list[dict]) -> list[dict]:

@@ -68,6 +68,7 @@ class Prepared:
     store: bool
     connection: OrderedDict[str, Record] | None
     background: bool = False
+    closing: str = ""  # a prefill-only turn's text that closes its last message
     response: dict = field(default_factory=dict)
 
 
@@ -183,9 +184,12 @@ class ResponsesService:
         new = to_messages(body.get("input", []), call_names)
         try:
             if parent is not None and parent.setup == setup:  # the chain's exact tokens, then the new turn's
-                tail = template.tail(parent.messages, new, tools, generate)
-                consumed = _common_prefix(parent.consumed, tail)
-                ids = torch.cat([parent.ids, torch.tensor(tokenizer.encode(tail[consumed:]), dtype=torch.int32)])
+                if generate:
+                    text, closing = template.tail(parent.messages, new, tools), ""
+                else:
+                    text, closing = template.prefill_text(parent.messages, new, tools)
+                text = text[_common_prefix(parent.consumed, text) :]  # the closing the parent already holds
+                ids = torch.cat([parent.ids, torch.tensor(tokenizer.encode(text), dtype=torch.int32)])
                 messages = parent.messages + new
                 prefix = (parent.cache, parent.cache_length) if parent.cache is not None else None
             else:  # a first turn, or new instructions or tools: rendered whole (no cached prefix applies)
@@ -193,7 +197,10 @@ class ResponsesService:
                 messages = ([{"role": "system", "content": instructions}] if instructions else []) + history + new
                 if not messages:
                     raise invalid("the request has no input to respond to", "input")
-                text = template.prompt(messages, tools) if generate else template.open_prefix(messages, tools)
+                if generate:
+                    text, closing = template.prompt(messages, tools), ""
+                else:
+                    text, closing = template.prefill_text([], messages, tools)
                 ids, prefix = torch.tensor(tokenizer.encode(text), dtype=torch.int32), None
         except TemplateError as e:
             raise invalid(str(e), "input", code="invalid_prompt") from None
@@ -211,7 +218,7 @@ class ResponsesService:
                 "max_output_tokens": params.max_tokens, "store": store}  # fmt: skip
         return Prepared(body, new_id("resp"), ids, params, messages, call_names, setup, generate,
                         bool(tools) and tool_choice != "none" and template.calls_tools, prefix, parent, store,
-                        connection, background)  # fmt: skip
+                        connection, background, closing)  # fmt: skip
 
     def _sampling(self, body: dict) -> SamplingParams:
         limit = self.limits.max_output_tokens
@@ -308,7 +315,7 @@ class ResponsesService:
         for call in calls:
             req.call_names[call["call_id"]] = call["name"]
         messages = req.messages + ([assistant_message(text, calls)] if req.generate else [])
-        consumed = ""
+        consumed = req.closing
         if reason == "stop" and req.generate:  # the closing text the model wrote: decoded tokens past the text
             consumed = self.model.tokenizer.decode(out_ids)[len(gen.stream.text) :]
         ids = torch.cat([req.ids, torch.tensor(out_ids, dtype=torch.int32)])
