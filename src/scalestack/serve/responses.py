@@ -372,8 +372,8 @@ class _ToolCallSplitter:
         return (plain if self.sent or plain.strip() else ""), calls
 
     def _take(self, upto: int) -> str:
-        if self.sent == 0 and not self.text[:upto].strip():
-            return ""  # no message for leading whitespace alone
+        if self.active and self.sent == 0 and not self.text[:upto].strip():
+            return ""  # no message for whitespace before a tool call
         delta, self.sent = self.text[self.sent : upto], max(self.sent, upto)
         return delta
 
