@@ -110,7 +110,8 @@ class ScriptedRunner:
     """A deterministic stand-in model for agent tests, with a real KV cache: each cache position holds its
     token id as a one-element key, so a sequence's context is read back from its cache (an evicted cache is
     rebuilt by prefill like any other). To a user message mentioning a city it answers with a tool call;
-    to a tool output it answers with a sentence quoting it; otherwise it echoes the last message."""
+    to a tool output it answers with a sentence quoting it; otherwise it echoes the last message, the number
+    of user messages and the first one (so a reply read from another conversation's cache shows)."""
 
     layers, kv_heads, head_dim = 1, 1, 1
     dtype, device = torch.float64, torch.device("cpu")
@@ -128,7 +129,8 @@ class ScriptedRunner:
             city = content.split("weather in ", 1)[1].split("?")[0].strip()
             call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
             return f"<tool_call>\n{call}\n</tool_call><|im_end|>"
-        return f"echo: {content}<|im_end|>"
+        users = [t.partition("\n")[2].removesuffix("<|im_end|>\n") for t in turns if t.startswith("user\n")]
+        return f"echo: {content} ({len(users)} user messages, first: {users[0] if users else ''})<|im_end|>"
 
     def _next(self, cache) -> torch.Tensor:
         ids = cache.keys[0][0, 0, : cache.length, 0].long().tolist()

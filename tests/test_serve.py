@@ -8,6 +8,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -109,18 +110,20 @@ def test_websocket_chain_of_20_greedy_turns_equals_the_full_context_decode(gpt, 
         client(server).responses.retrieve(previous)  # store=false: connection-local only
 
 
-def test_chains_stay_exact_when_their_caches_are_evicted(gpt_reference):
-    """Two chains interleaved under a budget that holds about one: each turn evicts the other chain's idle
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_chains_stay_exact_when_their_caches_are_evicted(gpt_reference, transport):
+    """Two chains interleaved under a budget that holds about one: a turn may evict the other chain's idle
     cache, which then falls back to a full prefill of its token ids, transparently."""
     model = tiny_gpt()
     bytes_per_token = 2 * 2 * 4 * 16 * 8
-    with start(served_gpt(model), kv_budget=3000 * bytes_per_token) as server:
-        c, previous = client(server), [None, None]
-        cached = []
+    with start(served_gpt(model), kv_budget=3000 * bytes_per_token) as server, ExitStack() as stack:
+        c, previous, cached = client(server), [None, None], []
+        conns = [stack.enter_context(c.responses.connect()) for _ in range(2)] if transport == "websocket" else []
         for i, text in enumerate(user_turns(20)):
             for chain in (0, 1):
-                r = c.responses.create(model="tiny-gpt", input=text, instructions=SYSTEM, max_output_tokens=12,
-                                       previous_response_id=previous[chain], temperature=0)  # fmt: skip
+                fields = dict(model="tiny-gpt", input=text, instructions=SYSTEM, max_output_tokens=12,
+                              previous_response_id=previous[chain], temperature=0)  # fmt: skip
+                r = ws_turn(conns[chain], **fields, store=False).response if conns else c.responses.create(**fields)
                 assert r.output_text == gpt_reference[i], f"chain {chain} turn {i}"
                 previous[chain] = r.id
                 cached.append(r.usage.input_tokens_details.cached_tokens)
@@ -212,7 +215,7 @@ def test_stored_responses_get_delete_and_cancel(gpt):
     assert long.status == "in_progress"
     cancelled = c.responses.cancel(long.id)
     assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 4000
-    with pytest.raises(openai.BadRequestError, match="only a response in progress"):
+    with pytest.raises(openai.BadRequestError, match="not a background response in progress"):
         c.responses.cancel(cancelled.id)
 
 
@@ -227,6 +230,10 @@ def test_bad_requests_are_errors_and_the_server_stays_up(gpt):
         (openai.BadRequestError, dict(input="x", previous_response_id="resp_nope"), "was not found"),
         (openai.BadRequestError, dict(input="x" * 5000), "context"),
         (openai.BadRequestError, dict(input="x", tool_choice="required"), "tool_choice"),
+        (openai.BadRequestError, dict(input=[{"type": "item_reference", "id": "x"}]), "not supported"),
+        (openai.BadRequestError, dict(input="x", extra_body={"seed": 2**64}), "seed"),
+        (openai.BadRequestError, dict(input="x", extra_body={"stop": ["s" * 300]}), "stop"),
+        (openai.BadRequestError, dict(input=[{"type": ["x"]}]), "must be a string"),
     ]
     for error, fields, words in cases:
         with pytest.raises(error, match=words):
@@ -284,6 +291,10 @@ def test_api_key_guards_http_and_websocket():
     with start(served_gpt(), api_key="s3cret") as server:
         with pytest.raises(openai.AuthenticationError):
             client(server, api_key="wrong").responses.create(model="tiny-gpt", input="x")
+        request = urllib.request.Request(server.url + "/models")  # no Authorization header at all
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 401
         with pytest.raises(InvalidStatus), client(server, api_key="wrong").responses.connect() as conn:
             ws_turn(conn, model="tiny-gpt", input="x")
         good = client(server, api_key="s3cret")
@@ -317,13 +328,16 @@ def test_concurrent_requests_are_batched_without_mixing(gpt):
     for t in threads:
         t.join(timeout=60)
     assert results == alone
+    assert server.service.engine.largest_batch > 1  # they were decoded together
 
 
 def test_scripted_model_reads_its_context_from_the_cache():
-    assert ScriptedRunner.reply(chatml("user", "hi") + "<|im_start|>assistant\n") == "echo: hi<|im_end|>"
+    context = chatml("user", "hi") + "<|im_start|>assistant\n"
+    assert ScriptedRunner.reply(context) == "echo: hi (1 user messages, first: hi)<|im_end|>"
     limits = Limits(max_output_tokens=64, default_output_tokens=64)
     with start(served_script(), limits=limits) as server:
         c = client(server)
         r = c.responses.create(model="scripted", input="one")
         r = c.responses.create(model="scripted", input="two", previous_response_id=r.id)
-        assert r.output_text == "echo: two" and r.usage.input_tokens_details.cached_tokens > 0
+        assert r.output_text == "echo: two (2 user messages, first: one)"
+        assert r.usage.input_tokens_details.cached_tokens > 0

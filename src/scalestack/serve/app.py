@@ -25,9 +25,11 @@ log = logging.getLogger("scalestack.serve")
 
 
 def create_app(service: ResponsesService, api_key: str | None = None, max_request_bytes: int = 16 * 2**20,
-               max_connection_age: float = 3600.0) -> Starlette:  # fmt: skip
+               max_connection_age: float = 3600.0, max_connections: int = 256,
+               shutdown_timeout: float = 60.0) -> Starlette:  # fmt: skip
     """The server's app around ``service``: starts and stops its engine with the app's lifespan."""
     background: set[asyncio.Task] = set()
+    sockets = {"open": 0}
 
     async def create(request: Request) -> Response:
         body = await _json_body(request, max_request_bytes)
@@ -63,7 +65,14 @@ def create_app(service: ResponsesService, api_key: str | None = None, max_reques
         return JSONResponse({"status": "draining" if service.draining else "ok", "running": len(service.running)})
 
     async def websocket(ws: WebSocket) -> None:
-        await _websocket_session(ws, service, max_connection_age)
+        if sockets["open"] >= max_connections:
+            await ws.close(1013, f"over {max_connections} WebSocket connections; retry later")
+            return
+        sockets["open"] += 1
+        try:
+            await _websocket_session(ws, service, max_connection_age)
+        finally:
+            sockets["open"] -= 1
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -72,7 +81,14 @@ def create_app(service: ResponsesService, api_key: str | None = None, max_reques
             yield
         finally:
             service.draining = True
-            await service.wait_idle()
+            try:
+                await asyncio.wait_for(service.wait_idle(), shutdown_timeout)
+            except TimeoutError:
+                log.warning("responses still running after %s s; stopping them", shutdown_timeout)
+                for gen, _, _ in list(service.running.values()):
+                    gen.cancelled = True
+            for task in list(background):
+                task.cancel()
             service.engine.stop()
 
     started = time.time()
@@ -105,7 +121,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting too deep
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
@@ -124,11 +140,16 @@ async def _error_response(request: Request, error: ServeError) -> Response:
     return JSONResponse({"error": error.body()}, status_code=error.status)
 
 
+def _server_error(error: Exception) -> ServeError:
+    if isinstance(error, RecursionError):
+        return invalid("the request is nested too deeply", code="invalid_request")
+    return ServeError(500, "server_error", f"{type(error).__name__}: {error}", type="server_error")
+
+
 async def _internal_error(request: Request, error: Exception) -> Response:
     log.exception("request failed")
-    body = {"type": "server_error", "code": "server_error", "message": f"{type(error).__name__}: {error}",
-            "param": None}  # fmt: skip
-    return JSONResponse({"error": body}, status_code=500)
+    error = _server_error(error)
+    return JSONResponse({"error": error.body()}, status_code=error.status)
 
 
 def _error_event(error: ServeError) -> dict:
@@ -144,12 +165,18 @@ async def _websocket_session(ws: WebSocket, service: ResponsesService, max_age: 
     connection: OrderedDict = OrderedDict()
     running: asyncio.Task | None = None
 
-    async def stream(req) -> None:
+    async def stream(req, stream_id) -> None:
         try:
             async for event in service.run(req):
+                if stream_id is not None:
+                    event["stream_id"] = stream_id
                 await ws.send_text(json.dumps(event))
-        except (WebSocketDisconnect, RuntimeError):
+        except WebSocketDisconnect:
             pass  # the client went away mid-response: run() frees the engine slot
+        except Exception as e:  # a bug: the client gets an error event, not silence
+            log.exception("WebSocket response failed")
+            with contextlib.suppress(Exception):
+                await ws.send_text(json.dumps(_error_event(_server_error(e))))
 
     try:
         while True:
@@ -171,11 +198,16 @@ async def _websocket_session(ws: WebSocket, service: ResponsesService, max_age: 
                 if running is not None and not running.done():
                     raise ServeError(409, "response_already_in_flight", "a response is in progress on this "
                                      "connection; wait for its terminal event or open another connection")  # fmt: skip
-                req = service.prepare({k: v for k, v in event.items() if k != "type"}, connection, websocket=True)
+                fields = {k: v for k, v in event.items() if k not in ("type", "stream_id")}
+                req = service.prepare(fields, connection, websocket=True)
             except ServeError as e:
                 await ws.send_text(json.dumps(_error_event(e)))
                 continue
-            running = asyncio.create_task(stream(req))
+            except Exception as e:  # input the checks missed: an error event, the connection stays
+                log.exception("WebSocket request failed")
+                await ws.send_text(json.dumps(_error_event(_server_error(e))))
+                continue
+            running = asyncio.create_task(stream(req, event.get("stream_id")))
     except WebSocketDisconnect:
         pass
     finally:
@@ -192,7 +224,7 @@ def _parse_event(message: dict) -> dict:
         raw = message["bytes"].decode("utf-8", errors="replace")
     try:
         event = json.loads(raw or "")
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise invalid(f"the message is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(event, dict):
         raise invalid("the message must be a JSON object with a type", "type", code="invalid_event")

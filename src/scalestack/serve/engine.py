@@ -1,6 +1,9 @@
 """The batched generation engine: one thread that admits requests, prefills their new tokens on top of a
 cached prefix (in chunks, between decode steps), and decodes all running sequences together, one token
 per step (continuous batching: a sequence joins and leaves the batch at any step).
+
+A request that fails (a bad sampling state, a model error in its own prefill) ends with an error alone;
+only an error in the shared decode step fails the sequences decoded in it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import MIN_CAPACITY, KVCache, KVPool
+from .kv_cache import KVCache, KVPool
 from .runners import Runner
 from .sampling import SamplingParams, sample
 from .text_stream import TextStream
 
 log = logging.getLogger("scalestack.serve")
+SWEEP_SECONDS = 1.0  # an idle engine still expires caches past their time to live
 
 
 @dataclass(eq=False)  # compared by identity (its fields hold tensors)
@@ -37,6 +41,7 @@ class Generation:
     cancelled: bool = False
     # filled by the engine
     cache: KVCache | None = None
+    cache_length: int = 0  # the cache's positions that belong to this response, when it finished
     cached_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     stream: TextStream | None = None
@@ -55,16 +60,16 @@ class Engine:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.runner, self.pool = runner, pool
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        r = runner
+        self.bytes_per_token = 2 * r.layers * r.kv_heads * r.head_dim * torch.finfo(r.dtype).bits // 8
         self._inbox: queue.Queue[Generation | None] = queue.Queue()
         self._waiting: list[Generation] = []
         self._prefilling: list[Generation] = []
         self._decoding: list[Generation] = []
-        r = runner
-        self.bytes_per_token = 2 * r.layers * r.kv_heads * r.head_dim * torch.finfo(r.dtype).bits // 8
         self._thread = threading.Thread(target=self._run, name="scalestack-engine", daemon=True)
-        self.steps = 0
+        self.steps = 0  # decode steps
+        self.largest_batch = 0  # the most sequences decoded in one step
         self.prefilled_tokens = 0
-        self.reused_tokens = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -76,86 +81,107 @@ class Engine:
     def submit(self, gen: Generation) -> None:
         self._inbox.put(gen)
 
-    @property
-    def busy(self) -> int:
-        return len(self._waiting) + len(self._prefilling) + len(self._decoding) + self._inbox.qsize()
-
     # --- the loop (engine thread) ---
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                idle = not (self._waiting or self._prefilling or self._decoding)
                 try:
                     while True:
-                        gen = self._inbox.get(block=idle)
+                        idle = not (self._waiting or self._prefilling or self._decoding)
+                        gen = self._inbox.get(block=idle, timeout=SWEEP_SECONDS if idle else None)
                         if gen is None:
                             return
                         self._waiting.append(gen)
-                        idle = False
                 except queue.Empty:
-                    pass
+                    if not (self._waiting or self._prefilling or self._decoding):
+                        self.pool.fit()  # time-to-live sweep
+                        continue
                 try:
                     self._step()
-                except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                except Exception as e:  # a bug in the shared decode step: fail what it ran, keep serving
                     log.exception("engine step failed")
-                    for gen in self._prefilling + self._decoding:
-                        self._finish(gen, f"error: {type(e).__name__}: {e}")
-                    self._prefilling, self._decoding = [], []
+                    for gen in list(self._decoding):
+                        self._finish(gen, _error(e))
 
     def _step(self) -> None:
         for gen in [g for g in self._waiting + self._prefilling + self._decoding if g.cancelled]:
             self._finish(gen, "cancelled")
         self._admit()
         if self._prefilling:  # one chunk of one prompt per step: decoding sequences keep streaming
-            self._prefill_chunk(self._prefilling[0])
+            gen = self._prefilling[0]
+            try:
+                self._prefill_chunk(gen)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._finish(gen, _error(e))
         if self._decoding:
             self._decode_step()
 
     def _admit(self) -> None:
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
             gen = self._waiting[0]
-            if not self.pool.fit(self._bytes_for(gen)) and (self._prefilling or self._decoding):
+            prefix = gen.prefix if gen.prefix is not None and self.pool.acquire(gen.prefix[0]) else None
+            running = bool(self._prefilling or self._decoding)
+            if not self.pool.fit(self._growth(gen, prefix), force=not running) and running:
+                if prefix is not None:
+                    self.pool.release(prefix[0])
                 return  # over the KV budget: wait for running sequences to finish
             self._waiting.pop(0)
-            self._attach(gen)
+            try:
+                self._attach(gen, prefix)
+            except Exception as e:
+                log.exception("admission failed")
+                self._finish(gen, _error(e))
+                continue
             if gen.cache.length < gen.ids.numel():
                 self._prefilling.append(gen)
             else:  # a prefill-only request whose context is all cached already
                 self._finish(gen, "stop")
 
-    def _bytes_for(self, gen: Generation) -> int:
-        """An upper bound of what admitting ``gen`` adds: a copied prefix or a capacity doubling each hold at
-        most the tokens it needs, plus the minimum capacity."""
-        return self.bytes_per_token * (2 * self.tokens_for(gen) + MIN_CAPACITY)
-
     def tokens_for(self, gen: Generation) -> int:
         return min(gen.ids.numel() + (gen.params.max_tokens if gen.generate else 0), self.runner.max_positions)
 
-    def _attach(self, gen: Generation) -> None:
-        """Give ``gen`` a cache: its prefix's, extended in place (the prefix ends at the written frontier and
-        nobody else extends it), a copy of the prefix (a branch), or a new one (no prefix, or evicted)."""
+    def _growth(self, gen: Generation, prefix: tuple[KVCache, int] | None) -> int:
+        """The bytes admitting ``gen`` adds: its prefix's cache grown in place, or a new cache (a copy)."""
+        need = self.tokens_for(gen)
+        if prefix is not None and self._in_place(*prefix):
+            return (prefix[0].capacity_for(need) - prefix[0].capacity) * self.bytes_per_token
+        return KVCache.capacity_after(0, need) * self.bytes_per_token
+
+    @staticmethod
+    def _in_place(cache: KVCache, length: int) -> bool:
+        """A continuation extends its prefix's cache when nobody wrote past the prefix and nobody else
+        extends it now (the caller holds one use)."""
+        return cache.length == length and cache.users == 1
+
+    def _attach(self, gen: Generation, prefix: tuple[KVCache, int] | None) -> None:
+        """Give ``gen`` a cache (``prefix``'s is already held): extended in place, a copy of the prefix (a
+        branch), or a new one (no prefix, or it was evicted)."""
         r = self.runner
-        if gen.prefix is not None and not gen.prefix[0].evicted:
-            cache, length = gen.prefix
-            if cache.length != length or cache.users:
-                cache = cache.prefix_copy(length)
-                self.pool.add(cache)
+        gen._generator = gen.params.generator()
+        gen.stream = TextStream(gen.decode, gen.params.stop)
+        if prefix is not None:
+            cache, length = prefix
+            if not self._in_place(cache, length):
+                source, cache = cache, cache.prefix_copy(length)
+                self.pool.release(source)
+                self._adopt(cache)
         else:
             cache, length = KVCache(r.layers, r.kv_heads, r.head_dim, r.dtype, r.device), 0
-            self.pool.add(cache)
+            self._adopt(cache)
+        gen.cache = cache
         if gen.generate and length == gen.ids.numel():  # nothing new: recompute the last token for its logits
             length -= 1
             cache.length = length
-        cache.users += 1
-        self.pool.touch(cache)
         cache.reserve(self.tokens_for(gen))
         self.pool.measure()
-        gen.cache, gen.cached_tokens = cache, length
-        gen.stream = TextStream(gen.decode, gen.params.stop)
-        gen._generator = gen.params.generator()
-        self.reused_tokens += length
+        gen.cached_tokens = length
         gen.emit("start", length)
+
+    def _adopt(self, cache: KVCache) -> None:
+        cache.users = 1  # in use before anyone else can see it
+        self.pool.add(cache)
 
     def _prefill_chunk(self, gen: Generation) -> None:
         cache = gen.cache
@@ -175,6 +201,7 @@ class Engine:
         batch = list(self._decoding)
         logits = self.runner.decode([g.cache for g in batch], torch.tensor([g._next for g in batch]))
         self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
         for gen, row in zip(batch, logits):
             self._take(gen, row)
 
@@ -182,9 +209,14 @@ class Engine:
         """Sample the next token, stream its text, and end the generation when it is due. The last sampled
         token is never fed back: the response's token ids hold it, and the next turn's prefill computes its
         keys along with the new tokens."""
-        token = sample(logits, gen.params, gen._generator)
+        try:
+            token = sample(logits, gen.params, gen._generator)
+        except Exception as e:  # this request's sampling state (non-finite logits): it alone fails
+            self._finish(gen, _error(e))
+            return
         if token in gen.params.stop_token_ids:
             gen.stop_token = token
+            self._flush(gen)
             self._finish(gen, "stop")
             return
         gen.output_ids.append(token)
@@ -194,19 +226,27 @@ class Engine:
         if gen.stream.stopped_by is not None:
             self._finish(gen, "stop")
         elif len(gen.output_ids) >= gen.params.max_tokens or gen.cache.length + 1 >= self.runner.max_positions:
-            rest = gen.stream.finish()
-            if rest:
-                gen.emit("text", rest)
+            self._flush(gen)
             self._finish(gen, "length")
         else:
             gen._next = token
+
+    @staticmethod
+    def _flush(gen: Generation) -> None:
+        rest = gen.stream.finish()  # text held back for a stop string that did not come
+        if rest:
+            gen.emit("text", rest)
 
     def _finish(self, gen: Generation, reason: str) -> None:
         for group in (self._waiting, self._prefilling, self._decoding):
             if gen in group:
                 group.remove(gen)
         if gen.cache is not None:
-            gen.cache.users -= 1
-            self.pool.touch(gen.cache)
+            gen.cache_length = gen.cache.length  # read here, on the thread that writes it
+            self.pool.release(gen.cache)
         gen.emit("done", reason)
         self.pool.fit()
+
+
+def _error(e: Exception) -> str:
+    return f"error: {type(e).__name__}: {e}"

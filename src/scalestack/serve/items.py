@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import invalid
 
-IGNORED_ITEMS = {"reasoning", "item_reference"}  # replayed by agent SDKs; nothing to render
+IGNORED_ITEMS = {"reasoning"}  # replayed by agent SDKs; nothing to render
 
 
 def text_of(content: Any, param: str) -> str:
@@ -45,6 +45,9 @@ def to_messages(items: Any, call_names: dict[str, str]) -> list[dict]:
         if not isinstance(item, dict):
             raise invalid(f"{param} must be an object", param)
         kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str):
+            raise invalid(f"{param}.type must be a string (message, function_call, function_call_output)",
+                          f"{param}.type")  # fmt: skip
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):

@@ -37,11 +37,19 @@ class KVCache:
         layers, heads, dim = self.shape
         return 2 * layers * heads * dim * self.capacity * torch.finfo(self.dtype).bits // 8
 
+    @staticmethod
+    def capacity_after(capacity: int, length: int) -> int:
+        """The capacity that holds ``length`` positions, grown from ``capacity`` by doubling."""
+        return capacity if length <= capacity else max(length, 2 * capacity, MIN_CAPACITY)
+
+    def capacity_for(self, length: int) -> int:
+        return self.capacity_after(self.capacity, length)
+
     def reserve(self, length: int) -> None:
         """Room for ``length`` positions (doubling, so appends cost amortized O(1))."""
         if length <= self.capacity:
             return
-        capacity = max(length, 2 * self.capacity, MIN_CAPACITY)
+        capacity = self.capacity_for(length)
         layers, heads, dim = self.shape
         new = lambda: torch.empty(1, heads, capacity, dim, dtype=self.dtype, device=self.device)  # noqa: E731
         keys, values = [new() for _ in range(layers)], [new() for _ in range(layers)]
@@ -58,7 +66,7 @@ class KVCache:
         return copy
 
     def free(self) -> None:
-        self.keys, self.values, self.capacity, self.evicted = [], [], 0, True
+        self.keys, self.values, self.capacity, self.length, self.evicted = [], [], 0, 0, True
 
 
 class KVPool:
@@ -86,6 +94,19 @@ class KVPool:
         with self._lock:
             self._caches[id(cache)] = (cache, time.monotonic())
 
+    def acquire(self, cache: KVCache) -> bool:
+        """Mark a live cache in use (atomically with eviction); False if it was evicted already."""
+        with self._lock:
+            if cache.evicted:
+                return False
+            cache.users += 1
+            return True
+
+    def release(self, cache: KVCache) -> None:
+        with self._lock:
+            cache.users -= 1
+        self.touch(cache)
+
     def touch(self, cache: KVCache) -> None:
         with self._lock:
             if id(cache) in self._caches:
@@ -98,21 +119,32 @@ class KVPool:
             if cache.users == 0 and self._caches.pop(id(cache), None) is not None:
                 cache.free()
 
-    def fit(self, extra: int = 0) -> bool:
-        """Evict idle caches, least recently used first, until the live bytes plus ``extra`` fit the budget
-        and none is older than the TTL; whether they fit."""
+    def fit(self, extra: int = 0, force: bool = False) -> bool:
+        """Make room for ``extra`` more bytes: evict idle caches past their time to live, then idle ones least
+        recently used first, but only if that makes ``extra`` fit (or ``force``: as many as it takes).
+        Whether it fits now."""
         now = time.monotonic()
         with self._lock:
             total = sum(cache.nbytes for cache, _ in self._caches.values())
-            for key, (cache, used) in list(self._caches.items()):
-                if total + extra <= self.budget and now - used <= self.ttl:
-                    continue
-                if cache.users == 0:
-                    total -= cache.nbytes
-                    del self._caches[key]
-                    cache.free()
-                    self.evictions += 1
+            idle = [(key, cache, used) for key, (cache, used) in self._caches.items() if cache.users == 0]
+            for key, cache, used in idle:
+                if now - used > self.ttl:
+                    total -= self._evict(key, cache)
+            idle = [(key, cache) for key, cache, used in idle if not cache.evicted]
+            reclaimable = sum(cache.nbytes for _, cache in idle)
+            if total + extra > self.budget and (force or total - reclaimable + extra <= self.budget):
+                for key, cache in idle:  # least recently used first
+                    if total + extra <= self.budget:
+                        break
+                    total -= self._evict(key, cache)
             return total + extra <= self.budget
+
+    def _evict(self, key: int, cache: KVCache) -> int:
+        size = cache.nbytes
+        del self._caches[key]
+        cache.free()
+        self.evictions += 1
+        return size
 
     def measure(self) -> int:
         """The live bytes now (also kept as ``peak_bytes``)."""

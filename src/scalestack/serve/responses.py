@@ -23,6 +23,7 @@ from .kv_cache import KVCache, KVPool
 from .loading import ServedModel
 from .protocol import EventSequence, new_id, response_object, usage
 from .sampling import SamplingParams
+from .text_stream import MAX_STOP_CHARS
 
 log = logging.getLogger("scalestack.serve")
 
@@ -125,11 +126,13 @@ class ResponsesService:
         return record.response
 
     async def cancel(self, response_id: str) -> dict:
-        if response_id not in self.running:
+        """Stop a background response in progress (as OpenAI: only ``background`` responses are cancelled)."""
+        running = self.running.get(response_id)
+        if running is None or not running[1].get("background"):
             self.get(response_id)  # 404 when unknown
-            raise invalid(f"response {response_id!r} has finished; only a response in progress can be cancelled",
-                          "response_id", code="response_not_cancellable")  # fmt: skip
-        gen, response, finished = self.running[response_id]
+            raise invalid(f"response {response_id!r} is not a background response in progress; only those can be "
+                          "cancelled", "response_id", code="response_not_cancellable")  # fmt: skip
+        gen, response, finished = running
         gen.cancelled = True
         await finished.wait()
         return response
@@ -173,7 +176,10 @@ class ResponsesService:
             raise invalid("tool_choice must be 'auto' or 'none' here (this server does not force tool calls)",
                           "tool_choice", code="unsupported_value")  # fmt: skip
         generate = body.get("generate", True) is not False
-        if (body.get("prompt_cache_options") or {}).get("prewarm"):
+        cache_options = body.get("prompt_cache_options") or {}
+        if not isinstance(cache_options, dict):
+            raise invalid("prompt_cache_options must be an object", "prompt_cache_options")
+        if cache_options.get("prewarm"):
             generate = False
         params = self._sampling(body)
         setup = json.dumps([instructions, tools], sort_keys=True)
@@ -214,8 +220,9 @@ class ResponsesService:
             raise invalid(f"this response needs {need} bytes of KV cache and the server's budget is "
                           f"{self.pool.budget} bytes; ask for fewer max_output_tokens or start a new chain",
                           "max_output_tokens", code="kv_budget_exceeded")  # fmt: skip
-        body = {**body, "instructions": instructions, "tools": body.get("tools") or [], "tool_choice": "auto",
+        echo = {"instructions": instructions, "tools": body.get("tools") or [], "tool_choice": tool_choice or "auto",
                 "max_output_tokens": params.max_tokens, "store": store}  # fmt: skip
+        body = {**body, **echo}
         return Prepared(body, new_id("resp"), ids, params, messages, call_names, setup, generate,
                         bool(tools) and tool_choice != "none" and template.calls_tools, prefix, parent, store,
                         connection, background, closing)  # fmt: skip
@@ -235,12 +242,14 @@ class ResponsesService:
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise invalid("top_p must be a number in (0, 1]", "top_p")
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise invalid("seed must be an integer", "seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+            raise invalid("seed must be an integer from 0 to 2**64 - 1", "seed")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise invalid("stop must be a string or a list of at most 4 non-empty strings", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise invalid(f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
         return SamplingParams(float(temperature), float(top_p), seed, max_tokens, stop + self.model.stop,
                               set(self.model.stop_token_ids))  # fmt: skip
 
@@ -299,7 +308,7 @@ class ResponsesService:
                 response["error"] = {"code": "server_error", "message": f"generation failed ({reason[7:]})"}
                 log.error("response %s failed: %s", req.response_id, reason)
             self._remember(req, gen, out_ids, reason, keep_cache=status != "failed")
-            yield seq.lifecycle(f"response.{status}" if status != "cancelled" else "response.cancelled")
+            yield seq.lifecycle(f"response.{status}" if status != "cancelled" else "response.incomplete")
         finally:
             if not done:
                 gen.cancelled = True  # the client went away: free its batch slot
@@ -322,8 +331,7 @@ class ResponsesService:
         cache = gen.cache if keep_cache else None
         if not keep_cache and gen.cache is not None and not self._refs.get(id(gen.cache)):
             self.pool.drop(gen.cache)
-        record = Record(req.response, messages, req.call_names, ids, req.setup, consumed, cache,
-                        cache.length if cache is not None else 0)  # fmt: skip
+        record = Record(req.response, messages, req.call_names, ids, req.setup, consumed, cache, gen.cache_length)
         if req.store:
             self._keep(self.store, req.response_id, record, self.limits.max_stored_responses)
         if req.connection is not None:

@@ -29,7 +29,8 @@ class SamplingParams:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    scaled = logits.double().cpu() / params.temperature  # float64: a tiny temperature stays finite
+    probs = torch.softmax(scaled - scaled.max(), dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # the smallest set reaching top_p

@@ -26,7 +26,7 @@ def build_service(model: ServedModel, kv_budget: int = 2 * 2**30, kv_ttl: float 
 def run_server(service: ResponsesService, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_connection_age: float = 3600.0, ws_ping_interval: float = 20.0,
                shutdown_timeout: float = 60.0, max_request_bytes: int = 16 * 2**20) -> None:  # fmt: skip
-    app = create_app(service, api_key, max_request_bytes, max_connection_age)
+    app = create_app(service, api_key, max_request_bytes, max_connection_age, shutdown_timeout=shutdown_timeout)
     config = uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_request_bytes,
                             ws_ping_interval=ws_ping_interval, ws_ping_timeout=ws_ping_interval,
                             timeout_graceful_shutdown=shutdown_timeout, log_level="info")  # fmt: skip
