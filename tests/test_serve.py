@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
@@ -130,6 +131,23 @@ def test_chains_stay_exact_when_their_caches_are_evicted(gpt_reference, transpor
         pool = server.service.pool
         assert pool.evictions > 0 and 0 in cached[2:]  # some continuations found their cache evicted
         assert pool.peak_bytes <= pool.budget
+
+
+def test_one_chain_within_the_budget_keeps_its_cache_and_idle_caches_expire(gpt_reference):
+    bytes_per_token = 2 * 2 * 4 * 16 * 8
+    with start(served_gpt(tiny_gpt()), kv_budget=7000 * bytes_per_token, kv_ttl=0.5) as server:
+        c, previous = client(server), None
+        for i, text in enumerate(user_turns(8)):
+            r = c.responses.create(model="tiny-gpt", input=text, instructions=SYSTEM, max_output_tokens=12,
+                                   previous_response_id=previous, temperature=0)  # fmt: skip
+            assert r.output_text == gpt_reference[i]
+            assert (r.usage.input_tokens_details.cached_tokens > 0) == (i > 0)  # never evicted by its own turn
+            previous = r.id
+        time.sleep(2.0)  # past the TTL: the idle server sweeps it
+        assert len(server.service.pool) == 0
+        r = c.responses.create(model="tiny-gpt", input=user_turns(9)[8], instructions=SYSTEM, max_output_tokens=12,
+                               previous_response_id=previous, temperature=0)  # fmt: skip
+        assert r.usage.input_tokens_details.cached_tokens == 0 and r.output_text == gpt_reference[8]
 
 
 def test_prefill_only_warmup_then_generation_equals_the_full_context_decode(gpt, gpt_reference):

@@ -221,3 +221,35 @@ def test_batched_ragged_decoding_and_cached_prefixes_equal_a_brute_force_decode(
     assert cont.cached_tokens == held
     with torch.no_grad():
         assert cont.output_ids == brute_force_greedy(forward, context, 8)
+
+
+def test_a_request_that_fails_ends_alone_and_the_others_finish():
+    model = tiny_gpt()
+    pool = KVPool(2**30)
+    engine = Engine(GPTRunner(model), pool, max_batch=8)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        decode = lambda x: bytes(x).decode("utf-8", "replace")  # noqa: E731
+        good = Generation(torch.tensor(list(b"hello")), SamplingParams(temperature=1e-30, max_tokens=6), None,
+                          True, loop, asyncio.Queue(), decode)  # fmt: skip
+        bad = Generation(torch.tensor(list(b"world")), SamplingParams(seed=2**70, max_tokens=6), None, True, loop,
+                         asyncio.Queue(), decode)  # fmt: skip
+        for g in (bad, good):
+            engine.submit(g)
+        ends = []
+        for g in (bad, good):
+            while (event := await asyncio.wait_for(g.events.get(), 30))[0] != "done":
+                pass
+            ends.append(event[1])
+        return ends, good
+
+    engine.start()
+    try:
+        (bad_end, good_end), good = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert bad_end.startswith("error: ") and good_end == "length"
+    with torch.no_grad():  # a temperature of 1e-30 is greedy, not NaN
+        assert good.output_ids == brute_force_greedy(model, list(b"hello"), 6)
+    assert all(cache.users == 0 for cache, _ in pool._caches.values())
