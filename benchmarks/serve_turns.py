@@ -142,24 +142,29 @@ async def run_arm(url: str, arm: str, concurrency: int, turns: int) -> list[list
         return await asyncio.gather(*(chain(client, arm, turns, seed) for seed in range(concurrency)))
 
 
+def _chain_s(chains: list[list[dict]], n: int) -> float:
+    return statistics.median(sum(r["e2e"] for r in ch[:n]) for ch in chains)
+
+
+def _median_by_turn(chains: list[list[dict]], key: str) -> list[float]:
+    return [statistics.median(ch[t][key] for ch in chains) for t in range(len(chains[0]))]
+
+
 def summarize(results: dict) -> list[str]:
-    lines = ["| arm | concurrency | turns | TTFT turn 1 ms | TTFT last turn ms | last / first | chain 8 s | chain 20 s "
-             "| chain 40 s | chain latency vs full resend at 8 / 20 / 40 turns | cache hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| arm | chains | turns | TTFT turn 1 | TTFT turn 2 | TTFT last | last / turn 1 | last / turn 2 | "
+             "chain 8 | chain 20 | chain 40 | chain vs full resend (8 / 20 / 40 turns) | cache hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (arm, concurrency), chains in results.items():
         turns = len(chains[0])
         lengths = [n for n in (8, 20, 40) if n <= turns]
-
-        def chain_s(chains, n):
-            return statistics.median(sum(r["e2e"] for r in ch[:n]) for ch in chains)
-
         base = results[("http-full-resend", concurrency)]
-        ttft = [statistics.median(ch[t]["ttft"] for ch in chains) for t in range(turns)]
+        ttft = _median_by_turn(chains, "ttft")
         hit = sum(r["cached_tokens"] for ch in chains for r in ch) / sum(r["input_tokens"] for ch in chains for r in ch)
-        cells = [f"{chain_s(chains, n):.1f}" if n in lengths else "" for n in (8, 20, 40)]
-        versus = " / ".join(f"{chain_s(chains, n) / chain_s(base, n):.2f}x" for n in lengths)
-        lines.append(f"| {arm} | {concurrency} | {turns} | {ttft[0] * 1e3:.0f} | {ttft[-1] * 1e3:.0f} | "
-                     f"{ttft[-1] / ttft[0]:.2f}x | {' | '.join(cells)} | {versus} | {hit:.1%} |")  # fmt: skip
+        cells = [f"{_chain_s(chains, n):.1f} s" if n in lengths else "" for n in (8, 20, 40)]
+        versus = " / ".join(f"{_chain_s(chains, n) / _chain_s(base, n):.2f}x" for n in lengths)
+        lines.append(f"| {arm} | {concurrency} | {turns} | {ttft[0] * 1e3:.0f} ms | {ttft[1] * 1e3:.0f} ms | "
+                     f"{ttft[-1] * 1e3:.0f} ms | {ttft[-1] / ttft[0]:.2f}x | {ttft[-1] / ttft[1]:.2f}x | "
+                     f"{' | '.join(cells)} | {versus} | {hit:.1%} |")  # fmt: skip
     return lines
 
 
@@ -170,19 +175,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     concurrencies = sorted({c for _, c in results})
-    fig, axes = plt.subplots(1, len(concurrencies), figsize=(6 * len(concurrencies), 4), squeeze=False)
-    for ax, concurrency in zip(axes[0], concurrencies):
-        for arm in ARMS:
-            chains = results[(arm, concurrency)]
-            turns = len(chains[0])
-            ttft = [statistics.median(ch[t]["ttft"] for ch in chains) * 1e3 for t in range(turns)]
-            ax.plot(range(1, turns + 1), ttft, label=arm, marker=".")
-        ax.set(title=f"{len(chains)} concurrent chain(s)", xlabel="turn", ylabel="median time to first token (ms)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(concurrencies), figsize=(6 * len(concurrencies), 7.5), squeeze=False)
+    for column, concurrency in enumerate(concurrencies):
+        for row, (key, label) in enumerate((("ttft", "time to first token"), ("e2e", "end-to-end latency"))):
+            ax = axes[row][column]
+            for arm in ARMS:
+                chains = results[(arm, concurrency)]
+                values = [v * 1e3 for v in _median_by_turn(chains, key)]
+                ax.plot(range(1, len(values) + 1), values, label=arm, marker=".")
+            ax.set(title=f"{label}, {concurrency} concurrent chain(s)", xlabel="turn", ylabel=f"median {label} (ms)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
