@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo retrieval-demo bench gpu-check lint clean
+.PHONY: setup test demo retrieval-demo bench serve-bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ retrieval-demo: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]" "$(TORCH_PIN)"
 	$(BIN)/scalestack bench --world 2,4 --out runs/bench
+
+# Agent loops against scalestack serve: TTFT and latency per turn, full resend vs KV reuse (~12 minutes).
+serve-bench: setup
+	$(BIN)/python benchmarks/serve_turns.py --out runs/serve-bench
 
 # On a machine with GPUs: CUDA/NCCL tests and the step benchmark against FSDP2 (W = number of GPUs).
 gpu-check:
