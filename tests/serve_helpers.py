@@ -110,8 +110,9 @@ class ScriptedRunner:
     """A deterministic stand-in model for agent tests, with a real KV cache: each cache position holds its
     token id as a one-element key, so a sequence's context is read back from its cache (an evicted cache is
     rebuilt by prefill like any other). To a user message mentioning a city it answers with a tool call;
-    to a tool output it answers with a sentence quoting it; otherwise it echoes the last message, the number
-    of user messages and the first one (so a reply read from another conversation's cache shows)."""
+    to a tool output it answers with a sentence quoting it; otherwise it echoes the last user message, the
+    number of user messages and the first one, as ``last|count|first`` (so a reply read from another
+    conversation's cache shows)."""
 
     layers, kv_heads, head_dim = 1, 1, 1
     dtype, device = torch.float64, torch.device("cpu")
@@ -130,29 +131,37 @@ class ScriptedRunner:
             call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
             return f"<tool_call>\n{call}\n</tool_call><|im_end|>"
         users = [t.partition("\n")[2].removesuffix("<|im_end|>\n") for t in turns if t.startswith("user\n")]
-        return f"echo: {content} ({len(users)} user messages, first: {users[0] if users else ''})<|im_end|>"
+        return f"{content}|{len(users)}|{users[0] if users else ''}<|im_end|>"  # the message, the count, the first
 
-    def _next(self, cache) -> torch.Tensor:
+    def _script(self, cache) -> None:
+        """Read the context back from the cache and fix this turn's reply (a prefill ends at the generation
+        prompt; a continuation of a partial reply keeps its own place in the script)."""
         ids = cache.keys[0][0, 0, : cache.length, 0].long().tolist()
         context = bytes(ids).decode("utf-8", errors="replace")
         start = context.rfind("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
-        written, script = context[start:].encode(), self.reply(context[:start]).encode()
+        cache.script = self.reply(context[:start]).encode()
+        cache.script_start = cache.length - len(context[start:].encode())
+
+    @staticmethod
+    def _logits(cache) -> torch.Tensor:
+        written = cache.length - cache.script_start
         logits = torch.full((256,), -1e9, dtype=torch.float64)  # deterministic at any temperature
-        logits[script[len(written)] if len(written) < len(script) else ord("\n")] = 0.0
+        logits[cache.script[written] if written < len(cache.script) else ord("\n")] = 0.0
         return logits
 
     def prefill(self, cache, ids: torch.Tensor) -> torch.Tensor:
         end = cache.length + ids.numel()
         cache.keys[0][0, 0, cache.length : end, 0] = ids.double()
         cache.length = end
-        return self._next(cache)
+        self._script(cache)
+        return self._logits(cache)
 
     def decode(self, caches, ids: torch.Tensor) -> torch.Tensor:
         rows = []
         for cache, token in zip(caches, ids):
             cache.keys[0][0, 0, cache.length, 0] = float(token)
             cache.length += 1
-            rows.append(self._next(cache))
+            rows.append(self._logits(cache))
         return torch.stack(rows)
 
 

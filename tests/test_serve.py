@@ -351,11 +351,11 @@ def test_concurrent_requests_are_batched_without_mixing(gpt):
 
 def test_scripted_model_reads_its_context_from_the_cache():
     context = chatml("user", "hi") + "<|im_start|>assistant\n"
-    assert ScriptedRunner.reply(context) == "echo: hi (1 user messages, first: hi)<|im_end|>"
+    assert ScriptedRunner.reply(context) == "hi|1|hi<|im_end|>"
     limits = Limits(max_output_tokens=64, default_output_tokens=64)
     with start(served_script(), limits=limits) as server:
         c = client(server)
         r = c.responses.create(model="scripted", input="one")
         r = c.responses.create(model="scripted", input="two", previous_response_id=r.id)
-        assert r.output_text == "echo: two (2 user messages, first: one)"
+        assert r.output_text == "two|2|one"
         assert r.usage.input_tokens_details.cached_tokens > 0
