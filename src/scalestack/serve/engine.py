@@ -69,7 +69,6 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="scalestack-engine", daemon=True)
         self.steps = 0  # decode steps
         self.largest_batch = 0  # the most sequences decoded in one step
-        self.prefilled_tokens = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -186,7 +185,6 @@ class Engine:
     def _prefill_chunk(self, gen: Generation) -> None:
         cache = gen.cache
         end = min(gen.ids.numel(), cache.length + self.prefill_chunk)
-        self.prefilled_tokens += end - cache.length
         logits = self.runner.prefill(cache, gen.ids[cache.length : end])
         if cache.length < gen.ids.numel():
             return
