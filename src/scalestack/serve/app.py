@@ -29,7 +29,7 @@ def create_app(service: ResponsesService, api_key: str | None = None, max_reques
                shutdown_timeout: float = 60.0) -> Starlette:  # fmt: skip
     """The server's app around ``service``: starts and stops its engine with the app's lifespan."""
     background: set[asyncio.Task] = set()
-    sockets = {"open": 0}
+    open_sockets = 0
 
     async def create(request: Request) -> Response:
         body = await _json_body(request, max_request_bytes)
@@ -65,14 +65,15 @@ def create_app(service: ResponsesService, api_key: str | None = None, max_reques
         return JSONResponse({"status": "draining" if service.draining else "ok", "running": len(service.running)})
 
     async def websocket(ws: WebSocket) -> None:
-        if sockets["open"] >= max_connections:
+        nonlocal open_sockets
+        if open_sockets >= max_connections:
             await ws.close(1013, f"over {max_connections} WebSocket connections; retry later")
             return
-        sockets["open"] += 1
+        open_sockets += 1
         try:
             await _websocket_session(ws, service, max_connection_age)
         finally:
-            sockets["open"] -= 1
+            open_sockets -= 1
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -105,7 +106,6 @@ def create_app(service: ResponsesService, api_key: str | None = None, max_reques
         exception_handlers={ServeError: _error_response, Exception: _internal_error},
         lifespan=lifespan,
     )
-    app.state.service = service
     return _require_key(app, api_key) if api_key else app
 
 
@@ -252,5 +252,4 @@ def _require_key(app, api_key: str):
                 return
         await app(scope, receive, send)
 
-    guarded.state = app.state
     return guarded

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="scalestack-engine", daemon=True)
         self.steps = 0  # decode steps
         self.largest_batch = 0  # the most sequences decoded in one step
+        self._swept = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -94,7 +96,7 @@ class Engine:
                         self._waiting.append(gen)
                 except queue.Empty:
                     if not (self._waiting or self._prefilling or self._decoding):
-                        self.pool.fit()  # time-to-live sweep
+                        self._sweep()
                         continue
                 try:
                     self._step()
@@ -103,7 +105,15 @@ class Engine:
                     for gen in list(self._decoding):
                         self._finish(gen, _error(e))
 
+    def _sweep(self) -> None:
+        """Expire idle caches past their time to live, at most once per SWEEP_SECONDS."""
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_SECONDS:
+            self._swept = now
+            self.pool.fit()
+
     def _step(self) -> None:
+        self._sweep()
         for gen in [g for g in self._waiting + self._prefilling + self._decoding if g.cancelled]:
             self._finish(gen, "cancelled")
         self._admit()
@@ -138,12 +148,16 @@ class Engine:
             else:  # a prefill-only request whose context is all cached already
                 self._finish(gen, "stop")
 
-    def tokens_for(self, gen: Generation) -> int:
-        return min(gen.ids.numel() + (gen.params.max_tokens if gen.generate else 0), self.runner.max_positions)
+    def tokens_needed(self, context: int, new: int) -> int:
+        """Cache positions for a context and up to ``new`` generated tokens (the model's positions at most)."""
+        return min(context + new, self.runner.max_positions)
+
+    def _tokens_for(self, gen: Generation) -> int:
+        return self.tokens_needed(gen.ids.numel(), gen.params.max_tokens if gen.generate else 0)
 
     def _growth(self, gen: Generation, prefix: tuple[KVCache, int] | None) -> int:
         """The bytes admitting ``gen`` adds: its prefix's cache grown in place, or a new cache (a copy)."""
-        need = self.tokens_for(gen)
+        need = self._tokens_for(gen)
         if prefix is not None and self._in_place(*prefix):
             return (prefix[0].capacity_for(need) - prefix[0].capacity) * self.bytes_per_token
         return KVCache.capacity_after(0, need) * self.bytes_per_token
@@ -173,7 +187,7 @@ class Engine:
         if gen.generate and length == gen.ids.numel():  # nothing new: recompute the last token for its logits
             length -= 1
             cache.length = length
-        cache.reserve(self.tokens_for(gen))
+        cache.reserve(self._tokens_for(gen))
         self.pool.measure()
         gen.cached_tokens = length
         gen.emit("start", length)
@@ -243,7 +257,6 @@ class Engine:
             gen.cache_length = gen.cache.length  # read here, on the thread that writes it
             self.pool.release(gen.cache)
         gen.emit("done", reason)
-        self.pool.fit()
 
 
 def _error(e: Exception) -> str:

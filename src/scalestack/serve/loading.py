@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ..models.gpt import GPT, GPTConfig
 from .chat import CHATML_TEMPLATE, ChatTemplate
 from .runners import GPTRunner, HFRunner, Runner
-from .tokenizer import ByteTokenizer, HFTokenizer, read_json, special_token_text
+from .tokenizer import ByteTokenizer, HFTokenizer, special_token_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # common templates' turn ends
@@ -47,7 +48,7 @@ def load_model(path: str | Path, dtype: str | None = None, name: str | None = No
         raise FileNotFoundError(f"tokenizer file {tokenizer_file} not found (a Hugging Face directory needs its "
                                 "tokenizer.json)")  # fmt: skip
     tokenizer = HFTokenizer(tokenizer_file) if tokenizer_file is not None else ByteTokenizer()
-    runner: Runner = GPTRunner(model) if _is_gpt(model) else HFRunner(model)
+    runner: Runner = GPTRunner(model) if isinstance(model, GPT) else HFRunner(model)
     settings = read_json(folder / "tokenizer_config.json")
     template = ChatTemplate(_template_source(folder, settings), special_token_text(settings.get("bos_token")) or "",
                             special_token_text(settings.get("eos_token")) or "")  # fmt: skip
@@ -55,15 +56,8 @@ def load_model(path: str | Path, dtype: str | None = None, name: str | None = No
     return ServedModel(name or root.resolve().name, runner, tokenizer, template, stop_ids, stop_text)
 
 
-def _is_gpt(model: torch.nn.Module) -> bool:
-    from ..models.gpt import GPT
-
-    return isinstance(model, GPT)
-
-
 def _load_run(root: Path) -> tuple[torch.nn.Module, Path | None, Path]:
     from ..checkpoint.export import read_model_state
-    from ..models.gpt import GPT, GPTConfig
 
     card = json.loads((root / "model.json").read_text())
     if card.get("architecture") == "gpt":
@@ -91,6 +85,14 @@ def _load_hf(root: Path) -> torch.nn.Module:
     if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
         raise FileNotFoundError(f"{root} has a config.json but no weights (*.safetensors)")
     return AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file, or {} when the file is absent (optional model files)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 def _template_source(folder: Path, settings: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .kv_cache import KVCache, KVPool
 from .loading import ServedModel
 from .protocol import EventSequence, new_id, response_object, usage
 from .sampling import SamplingParams
-from .text_stream import MAX_STOP_CHARS
+from .text_stream import MAX_STOP_CHARS, held_back
 
 log = logging.getLogger("scalestack.serve")
 
@@ -113,7 +114,7 @@ class ResponsesService:
     def delete(self, response_id: str) -> None:
         record = self.store.pop(response_id, None)
         if record is None:
-            raise ServeError(404, "not_found", f"no stored response with id {response_id!r}", "response_id")
+            raise _not_found(response_id)
         self._release(record)
 
     def get(self, response_id: str) -> dict:
@@ -121,7 +122,7 @@ class ResponsesService:
             return self.running[response_id][1]
         record = self.store.get(response_id)
         if record is None:
-            raise ServeError(404, "not_found", f"no stored response with id {response_id!r}", "response_id")
+            raise _not_found(response_id)
         self.store.move_to_end(response_id)
         return record.response
 
@@ -194,7 +195,8 @@ class ResponsesService:
                     text, closing = template.tail(parent.messages, new, tools), ""
                 else:
                     text, closing = template.prefill_text(parent.messages, new, tools)
-                text = text[_common_prefix(parent.consumed, text) :]  # the closing the parent already holds
+                held = len(os.path.commonprefix([parent.consumed, text]))  # the closing the parent already holds
+                text = text[held:]
                 ids = torch.cat([parent.ids, torch.tensor(tokenizer.encode(text), dtype=torch.int32)])
                 messages = parent.messages + new
                 prefix = (parent.cache, parent.cache_length) if parent.cache is not None else None
@@ -215,7 +217,8 @@ class ResponsesService:
             raise invalid(f"the conversation has {ids.numel()} tokens and the model's context holds "
                           f"{self.model.runner.max_positions}; start a new chain with less input",
                           "input", code="context_length_exceeded")  # fmt: skip
-        need = self.engine.bytes_per_token * (ids.numel() + (params.max_tokens if generate else 0))
+        positions = self.engine.tokens_needed(ids.numel(), params.max_tokens if generate else 0)
+        need = self.engine.bytes_per_token * positions
         if need > self.pool.budget:
             raise invalid(f"this response needs {need} bytes of KV cache and the server's budget is "
                           f"{self.pool.budget} bytes; ask for fewer max_output_tokens or start a new chain",
@@ -367,8 +370,7 @@ class _ToolCallSplitter:
         if at >= 0:
             self.in_call = True
             return self._take(at)
-        hold = max((k for k in range(1, len(TOOL_CALL_OPEN)) if self.text.endswith(TOOL_CALL_OPEN[:k])), default=0)
-        return self._take(len(self.text) - hold)
+        return self._take(len(self.text) - held_back(self.text, [TOOL_CALL_OPEN]))
 
     def finish(self) -> tuple[str, list[dict]]:
         rest = self.text[self.sent :]
@@ -386,11 +388,8 @@ class _ToolCallSplitter:
         return delta
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def _not_found(response_id: str) -> ServeError:
+    return ServeError(404, "not_found", f"no stored response with id {response_id!r}", "response_id")
 
 
 def _without_instructions(record: Record) -> list[dict]:

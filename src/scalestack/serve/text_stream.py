@@ -15,47 +15,49 @@ class TextStream:
         self.text = ""  # decoded so far (whole characters), cut at a stop string
         self.sent = 0  # characters of ``text`` already returned
         self.stopped_by: str | None = None  # the stop string that ended the text
-        self._prefix = 0  # ids[_prefix:_read] decode to the text's last settled piece
+        self._prefix = 0  # ids[_prefix:_read] decode to ``_settled``, the text's last settled piece
         self._read = 0
+        self._settled = ""
 
     def push(self, token: int) -> str:
         """Add a token; the text now safe to show (nothing once a stop string has ended the text)."""
         self.ids.append(token)
         if self.stopped_by is not None:
             return ""
-        settled = self.decode(self.ids[self._prefix : self._read])
         window = self.decode(self.ids[self._prefix :])
-        if len(window) <= len(settled) or window.endswith("\ufffd"):  # a character cut between tokens: wait
+        if len(window) <= len(self._settled) or window.endswith("\ufffd"):  # a character cut between tokens
             return ""
-        self.text += window[len(settled) :]
+        self.text += window[len(self._settled) :]
+        self._settled = self.decode(self.ids[self._read :])
         self._prefix, self._read = self._read, len(self.ids)
         for s in self.stop:
             at = self.text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
                 self.text, self.stopped_by = self.text[:at], s
                 return self._take(len(self.text))
-        return self._take(len(self.text) - self._hold())
+        return self._take(len(self.text) - held_back(self.text, self.stop))
 
     def finish(self) -> str:
         """The held-back rest, once no more tokens come (a character cut at the end decodes as U+FFFD)."""
         if self.stopped_by is None:
-            settled = self.decode(self.ids[self._prefix : self._read])
-            self.text += self.decode(self.ids[self._prefix :])[len(settled) :]
+            self.text += self.decode(self.ids[self._prefix :])[len(self._settled) :]
             self._prefix = self._read = len(self.ids)
+            self._settled = ""
         return self._take(len(self.text))
-
-    def _hold(self) -> int:
-        """The length of the text's longest end that a stop string starts with."""
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        return hold
 
     def _take(self, upto: int) -> str:
         if upto <= self.sent:
             return ""
         delta, self.sent = self.text[self.sent : upto], upto
         return delta
+
+
+def held_back(text: str, markers: list[str]) -> int:
+    """The length of ``text``'s longest end that one of ``markers`` starts with (it may yet become one)."""
+    hold = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text)), hold, -1):
+            if text.endswith(marker[:k]):
+                hold = k
+                break
+    return hold
