@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo retrieval-demo bench serve-bench gpu-check lint clean
+.PHONY: setup test demo retrieval-demo bench serve-bench diffusion-bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: setup
 # Agent loops against scalestack serve: TTFT and latency per turn, full resend vs KV reuse (~12 minutes).
 serve-bench: setup
 	$(BIN)/python benchmarks/serve_turns.py --out runs/serve-bench
+
+# Step caches (none, FORA, TeaCache, MagCache, SenCache) on a DiT trained here: speedup vs quality (~25 minutes).
+diffusion-bench: setup
+	$(BIN)/python benchmarks/diffusion_cache.py --run-dir runs/dit --out runs/diffusion-bench
 
 # On a machine with GPUs: CUDA/NCCL tests and the step benchmark against FSDP2 (W = number of GPUs).
 gpu-check:

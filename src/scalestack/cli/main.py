@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoint.directory import CheckpointError
 from ..planner.model_shapes import ConfigError
-from . import bench, export, plan, report, retrieve, serve, train
+from . import bench, diffusion, export, plan, report, retrieve, serve, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_parser(sub)
     bench.add_parser(sub)
     serve.add_parser(sub)
+    diffusion.add_parser(sub)
     args, extra = parser.parse_known_args(argv)
     takes = getattr(args, "takes_overrides", False)  # train: --section.key=value after its own options
     unknown = [a for a in extra if not (takes and a.startswith("--") and "=" in a)]

@@ -1,0 +1,163 @@
+"""Step caches on a DiT trained here: speedup (model evaluations and wall-clock) against quality (PSNR, SSIM
+and a Fréchet distance in a digits classifier's features, all against the uncached output of the same seeds)
+for every method over a sweep of its threshold, at 25 and 50 Euler steps, measured side by side in one run.
+
+    python benchmarks/diffusion_cache.py --run-dir runs/dit --out runs/diffusion-bench
+
+Trains (scalestack FSDP, 2 ranks) and calibrates first when the run directory has no checkpoint or
+calibration. Writes results.json, a table on stdout, and pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scalestack.diffusion import (
+    Calibration,
+    FixedInterval,
+    MagCache,
+    NoCache,
+    SenCache,
+    TeaCache,
+    apply_step_cache,
+    frechet_distance,
+    psnr,
+    sample,
+    ssim,
+    train_digit_classifier,
+)
+from scalestack.diffusion.data import load_digits
+from scalestack.train.diffusion import load_dit
+
+SWEEPS = {
+    "fixed (FORA)": [2, 3, 4],
+    "TeaCache": [0.05, 0.1, 0.2, 0.4, 0.8],
+    "MagCache": [0.02, 0.05, 0.1, 0.2, 0.4],
+    "SenCache": [0.01, 0.02, 0.05, 0.1, 0.2, 0.4],
+}
+QUALITY_BARS_DB = (25.0, 30.0, 35.0)
+
+
+def make(method: str, knob: float, calibration: Calibration, k: int):
+    if method == "fixed (FORA)":
+        return FixedInterval(int(knob))
+    if method == "TeaCache":
+        return TeaCache(knob, calibration.teacache_coefficients)
+    if method == "MagCache":
+        return MagCache(knob, calibration, max_skips=k)
+    return SenCache(knob, calibration, max_skips=k)
+
+
+def prepare(run_dir: Path, steps: int) -> None:
+    cli = [sys.executable, "-m", "scalestack.cli.main", "diffusion"]
+    if not (run_dir / "dit.json").exists():
+        subprocess.run([*cli, "train", str(run_dir), "--steps", str(steps), "--nproc", "2"], check=True)
+    if not (run_dir / "calibration.json").exists():
+        subprocess.run([*cli, "calibrate", str(run_dir)], check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/dit")
+    p.add_argument("--out", default="runs/diffusion-bench")
+    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--steps", default="25,50")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--max-skips", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (the fastest counts)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(run_dir, args.train_steps)
+    model, calibration = load_dit(run_dir), Calibration.load(run_dir / "calibration.json")
+    train_images, train_labels = load_digits("train")
+    classifier = train_digit_classifier(train_images, train_labels)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    shape = (1, model.cfg.image_size, model.cfg.image_size)
+    print(f"{len(labels)} digits per generation, guidance {args.guidance}, K = {args.max_skips}, 1 torch thread")
+
+    def generate(cache, steps: int) -> tuple[torch.Tensor, float, float]:
+        stack = apply_step_cache(model, cache)
+        try:
+            best = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                images = sample(model, labels, steps, shape=shape, guidance=args.guidance, null_class=10, seed=0)
+                best = min(best, time.perf_counter() - t0)
+            return images, best, stack.last.evaluations
+        finally:
+            stack.remove()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return classifier.features(images)
+
+    rows = []
+    for steps in (int(s) for s in args.steps.split(",")):
+        reference, base_s, base_evals = generate(NoCache(), steps)
+        ref_features = features(reference)
+        with torch.no_grad():
+            accuracy = (classifier(reference).argmax(1) == labels).float().mean().item()
+        print(f"\n{steps} steps: uncached {base_s:.2f} s, {base_evals:.0f} evaluations, classifier accuracy on the "
+              f"uncached digits {accuracy:.1%}")  # fmt: skip
+        print(f"{'method':<14}{'knob':>7}{'evals':>8}{'x evals':>9}{'x wall':>8}{'PSNR dB':>9}{'SSIM':>8}{'FD':>9}")
+        for method, knobs in SWEEPS.items():
+            for knob in knobs:
+                images, seconds, evals = generate(make(method, knob, calibration, args.max_skips), steps)
+                row = {"steps": steps, "method": method, "knob": knob, "evaluations": evals,
+                       "speedup_evaluations": base_evals / evals, "speedup_wall": base_s / seconds,
+                       "psnr": psnr(images, reference), "ssim": ssim(images, reference),
+                       "frechet": frechet_distance(features(images), ref_features)}  # fmt: skip
+                rows.append(row)
+                print(f"{method:<14}{knob:>7g}{evals:>8.1f}{row['speedup_evaluations']:>8.2f}x"
+                      f"{row['speedup_wall']:>7.2f}x{row['psnr']:>9.2f}{row['ssim']:>8.4f}{row['frechet']:>9.3f}")  # fmt: skip
+        print(f"\nbest evaluation speedup at {steps} steps with PSNR at least:")
+        for bar in QUALITY_BARS_DB:
+            best = {m: max((r["speedup_evaluations"] for r in rows if r["steps"] == steps and r["method"] == m
+                            and r["psnr"] >= bar), default=1.0) for m in SWEEPS}  # fmt: skip
+            print(f"  {bar:.0f} dB: " + ", ".join(f"{m} {v:.2f}x" for m, v in best.items()))
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "pareto.png")
+    print(f"\n-> {out / 'results.json'}, {out / 'pareto.png'}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in rows})
+    panels = [("psnr", "speedup_evaluations"), ("psnr", "speedup_wall"), ("frechet", "speedup_evaluations"),
+              ("frechet", "speedup_wall")]  # fmt: skip
+    fig, axes = plt.subplots(len(steps), len(panels), figsize=(4.2 * len(panels), 3.6 * len(steps)), squeeze=False)
+    for i, n in enumerate(steps):
+        for j, (quality, speed) in enumerate(panels):
+            ax = axes[i][j]
+            for method in SWEEPS:
+                pts = sorted((r[quality], r[speed]) for r in rows if r["steps"] == n and r["method"] == method)
+                ax.plot([q for q, _ in pts], [s for _, s in pts], marker="o", label=method)
+            ax.set_xlabel({"psnr": "PSNR vs uncached (dB, higher is better)",
+                           "frechet": "Fréchet distance (lower is better)"}[quality])  # fmt: skip
+            ax.set_ylabel({"speedup_evaluations": "speedup (model evaluations)",
+                           "speedup_wall": "speedup (wall-clock)"}[speed])  # fmt: skip
+            if quality == "frechet":
+                ax.set_xscale("symlog", linthresh=0.01)
+            ax.set_title(f"{n} Euler steps")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
