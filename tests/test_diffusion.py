@@ -304,15 +304,17 @@ def test_psnr_and_ssim_match_brute_force():
     assert ssim(a, a) == pytest.approx(1.0)
 
 
-def test_frechet_distance_matches_the_symmetric_square_root_form():
+def test_frechet_distance_matches_fids_matrix_square_root():
+    from scipy import linalg
+
     g = torch.Generator().manual_seed(0)
     fa = torch.randn((500, 5), generator=g) @ torch.randn((5, 5), generator=g)
     fb = torch.randn((400, 5), generator=g) * 2 + 1
     a, b = fa.double().numpy(), fb.double().numpy()
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = v @ np.diag(np.sqrt(w.clip(0))) @ v.T
-    w2, _ = np.linalg.eigh(root_a @ sb @ root_a)  # Tr((S_a^1/2 S_b S_a^1/2)^1/2) = Tr((S_a S_b)^1/2)
-    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(w2.clip(0)).sum()
+    root = linalg.sqrtm(sa @ sb).real  # FID's formula, on well-conditioned covariances
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(root)
     assert frechet_distance(fa, fb) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(fa, fa) == pytest.approx(0.0, abs=1e-6)
+    dead = torch.cat([fa, torch.zeros(500, 3)], dim=1)  # dead features: singular covariances stay finite
+    assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-6)

@@ -48,8 +48,12 @@ def add_parser(sub) -> None:
     s.add_argument("--per-class", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", choices=CACHES, default="none")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="the cache's knob: the interval (fixed), the threshold (teacache, magcache), eps (sencache)")
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the cache's knob: the interval (fixed), the threshold (teacache, magcache), eps (sencache)",
+    )
     s.add_argument("--max-skips", type=int, default=3, help="K: skips in a row at most (magcache, sencache)")
     s.add_argument("--calibration", help="calibration file (default RUN_DIR/calibration.json)")
     s.set_defaults(func=run_sample)
@@ -90,8 +94,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
                        samples=args.samples, seed=args.seed, guidance=args.guidance)  # fmt: skip
     out = Path(args.out or Path(args.run_dir) / "calibration.json")
     result.save(out)
-    print(f"calibrated {args.steps} timesteps on {args.samples} held-out digits in {time.perf_counter() - t0:.1f} s: "
-          f"J_x {result.jx.min():.3g}..{result.jx.max():.3g}, J_t {result.jt.min():.3g}..{result.jt.max():.3g} -> {out}")
+    print(
+        f"calibrated {args.steps} timesteps on {args.samples} held-out digits in {time.perf_counter() - t0:.1f} s: "
+        f"J_x {result.jx.min():.3g}..{result.jx.max():.3g}, J_t {result.jt.min():.3g}..{result.jt.max():.3g} -> {out}"
+    )
     return 0
 
 
@@ -151,7 +157,9 @@ def run_sample(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     out = Path(args.out or Path(args.run_dir) / "samples.png")
     save_grid(images, out, args.per_class)
-    line = f"{len(labels)} digits, {args.steps} {args.solver} steps, {stack.last.evaluations:.1f} block-stack evaluations"
+    line = (
+        f"{len(labels)} digits, {args.steps} {args.solver} steps, {stack.last.evaluations:.1f} block-stack evaluations"
+    )
     if args.cache != "none":
         stack.remove()
         t0 = time.perf_counter()

@@ -117,8 +117,9 @@ def calibrate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, n
     outputs = torch.cat([_relative_l1(b["residual"], a["residual"]) for a, b in zip(calls, calls[1:])])
     coefficients = np.polyfit(inputs.double().numpy(), outputs.double().numpy(), deg=min(4, len(calls) - 2))
     order = torch.argsort(call_t)
-    result = Calibration(torch.tensor(ts[:-1]), torch.stack(jx).float(), torch.stack(jt).float(), call_t[order].float(),
-                         log_norms[order].float(), [float(c) for c in coefficients], num_steps, samples, seed)  # fmt: skip
+    result = Calibration(torch.tensor(ts[:-1]), torch.stack(jx).float(), torch.stack(jt).float(),
+                         call_t[order].float(), log_norms[order].float(), [float(c) for c in coefficients],
+                         num_steps, samples, seed)  # fmt: skip
     if not all(math.isfinite(c) for c in result.teacache_coefficients):
         raise ValueError("the TeaCache fit is not finite: calibrate with more steps or samples")
     return result

@@ -40,7 +40,8 @@ def guided_velocity(model: Denoiser, guidance: float, null_class: int, x: torch.
 
 @torch.no_grad()
 def sample(model: Denoiser, labels: torch.Tensor, num_steps: int, *, shape: tuple[int, ...], guidance: float = 1.0,
-           null_class: int | None = None, solver: str = "euler", seed: int = 0, shift: float = 1.0) -> torch.Tensor:  # fmt: skip
+           null_class: int | None = None, solver: str = "euler", seed: int = 0,
+           shift: float = 1.0) -> torch.Tensor:  # fmt: skip
     """Images for ``labels`` (B,), drawn from seeded noise of ``shape`` per image and integrated in ``num_steps``
     steps. A step cache attached to ``model`` (``apply_step_cache``) is reset first: each call is one generation."""
     if solver not in SOLVERS:

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 PSNR_CAP_DB = 100.0  # identical images: reported as 100 dB rather than infinity
@@ -57,13 +56,12 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
         raise ValueError(f"need two feature sets (N >= 2, D) of one width, got {tuple(features_a.shape)} and "
                          f"{tuple(features_b.shape)}")  # fmt: skip
     a, b = features_a.double().numpy(), features_b.double().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if not np.isfinite(root).all():  # singular products: FID's fix, a small offset on the diagonals
-        offset = np.eye(s_a.shape[0]) * 1e-6
-        root = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    value = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root.real)
+    # Tr (S_a S_b)^(1/2) = Tr (S_a^(1/2) S_b S_a^(1/2))^(1/2): symmetric, so stable for singular covariances
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(w.clip(0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a).clip(0)).sum()
+    value = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross
     return float(max(value, 0.0))
 
 
@@ -86,7 +84,9 @@ class DigitClassifier(nn.Module):
         return self.classify(self.features(x))
 
 
-def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, epochs: int = 30) -> DigitClassifier:
+def train_digit_classifier(
+    images: torch.Tensor, labels: torch.Tensor, seed: int = 0, epochs: int = 30
+) -> DigitClassifier:
     """Trained on the given (training) digits, full batch Adam; a few seconds on a CPU, deterministic for a seed."""
     torch.manual_seed(seed)
     model = DigitClassifier()

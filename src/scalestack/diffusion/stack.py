@@ -110,8 +110,10 @@ class CachedStack:
             for block in self.blocks:
                 out = block(hidden, *args, **kwargs)  # through the module's hooks, if it has any
                 if not isinstance(out, torch.Tensor):
-                    raise TypeError(f"{type(block).__name__} returns {type(out).__name__}, not the hidden states: "
-                                    "step caches wrap stacks of blocks that return one tensor (DiT / PixArt style)")
+                    raise TypeError(
+                        f"{type(block).__name__} returns {type(out).__name__}, not the hidden states: "
+                        "step caches wrap stacks of blocks that return one tensor (DiT / PixArt style)"
+                    )
                 hidden = out
         finally:
             self._inside = False
@@ -150,8 +152,12 @@ class CachedStack:
             out = hidden + self.residual
             if bool(compute.any()):
                 rows = compute.nonzero().squeeze(1)
-                pick = lambda v: v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v  # noqa: E731
-                sub = self._run_blocks(hidden[rows], tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()})
+                pick = lambda v: (
+                    v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+                )  # noqa: E731
+                sub = self._run_blocks(
+                    hidden[rows], tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+                )
                 out = out.index_copy(0, rows, sub)
         residual = out - hidden
         if self.residual is None:

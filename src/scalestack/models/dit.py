@@ -72,10 +72,14 @@ class DiTBlock(nn.Module):
         shift, scale = self.ada(F.silu(c)).chunk(6, dim=-1)[:2]
         return _modulate(self.norm1(h), shift, scale)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(named as diffusers names a block's input, so its cache hooks find it)"""
+        h = hidden_states
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         b, n, d = h.shape
-        q, k, v = self.qkv(_modulate(self.norm1(h), shift1, scale1)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (
+            self.qkv(_modulate(self.norm1(h), shift1, scale1)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        )
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         h = h + gate1[:, None] * self.proj(a.transpose(1, 2).reshape(b, n, d))
         m = self.fc2(F.gelu(self.fc1(_modulate(self.norm2(h), shift2, scale2)), approximate="tanh"))
