@@ -204,7 +204,8 @@ def diffusers_mag_ratios(model, timed, steps: int) -> list[float]:
     return [float(v) for v in found[-1].split(",")]
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, min_psnr: float = 20.0) -> None:
+    """Speedup against quality; settings below ``min_psnr`` (collapsed images) are left off to keep the scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +219,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for j, (quality, speed) in enumerate(panels):
             ax = axes[i][j]
             for method in (*SWEEPS, *DIFFUSERS_SWEEPS):
-                pts = sorted((r[quality], r[speed]) for r in rows if r["steps"] == n and r["method"] == method)
+                pts = sorted((r[quality], r[speed]) for r in rows
+                             if r["steps"] == n and r["method"] == method and r["psnr"] >= min_psnr)  # fmt: skip
                 ax.plot([q for q, _ in pts], [s for _, s in pts], marker="o", label=method)
             ax.set_xlabel({"psnr": "PSNR vs uncached (dB, higher is better)",
                            "frechet": "Fréchet distance (lower is better)"}[quality])  # fmt: skip
@@ -226,7 +228,7 @@ def plot(rows: list[dict], path: Path) -> None:
                            "speedup_wall": "speedup (wall-clock)"}[speed])  # fmt: skip
             if quality == "frechet":
                 ax.set_xscale("symlog", linthresh=0.01)
-            ax.set_title(f"{n} Euler steps")
+            ax.set_title(f"{n} Euler steps (PSNR >= {min_psnr:.0f} dB)")
             ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
