@@ -47,8 +47,10 @@ from scalestack.train.diffusion import load_dit
 SWEEPS = {
     "fixed (FORA)": [2, 3, 4, 5],
     "TeaCache": [0.2, 0.5, 1.0, 2.0, 4.0],
-    "MagCache": [0.05, 0.1, 0.2, 0.4, 0.8],
-    "SenCache": [0.2, 0.3, 0.5, 0.8, 1.2, 2.0],
+    "MagCache K=3": [0.05, 0.1, 0.2, 0.4],
+    "MagCache K=8": [0.1, 0.2, 0.4, 0.8],
+    "SenCache K=3": [0.2, 0.3, 0.5, 0.8, 1.2, 2.0],
+    "SenCache K=8": [0.3, 0.5, 0.8, 1.2, 2.0],
 }
 DIFFUSERS_SWEEPS = {
     "diffusers FBC": [0.02, 0.05, 0.1, 0.2, 0.4],
@@ -57,12 +59,13 @@ DIFFUSERS_SWEEPS = {
 QUALITY_BARS_DB = (25.0, 30.0, 35.0)
 
 
-def make(method: str, knob: float, calibration: Calibration, k: int):
+def make(method: str, knob: float, calibration: Calibration):
     if method == "fixed (FORA)":
         return FixedInterval(int(knob))
     if method == "TeaCache":
         return TeaCache(knob, calibration.teacache_coefficients)
-    if method == "MagCache":
+    k = int(method.split("K=")[1])
+    if method.startswith("MagCache"):
         return MagCache(knob, calibration, max_skips=k)
     return SenCache(knob, calibration, max_skips=k)
 
@@ -83,7 +86,7 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=6)
     p.add_argument("--steps", default="25,50")
     p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--max-skips", type=int, default=3)
+    p.add_argument("--max-skips", type=int, default=3, help="K of diffusers' MagCache")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the fastest counts)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -95,7 +98,7 @@ def main() -> None:
     classifier = train_digit_classifier(train_images, train_labels)
     labels = torch.arange(10).repeat_interleave(args.per_class)
     shape = (1, model.cfg.image_size, model.cfg.image_size)
-    print(f"{len(labels)} digits per generation, guidance {args.guidance}, K = {args.max_skips}, 1 torch thread")
+    print(f"{len(labels)} digits per generation, guidance {args.guidance}, 1 torch thread")
 
     def timed(net, steps: int) -> tuple[torch.Tensor, float, float]:
         """Images, the fastest of the repeats' seconds, and block-stack evaluations per sample (counted in
@@ -142,7 +145,7 @@ def main() -> None:
         settings = [(m, k) for sweeps in (SWEEPS, DIFFUSERS_SWEEPS) for m, knobs in sweeps.items() for k in knobs]
         for method, knob in settings:
             if method in SWEEPS:
-                images, seconds, evals = generate(make(method, knob, calibration, args.max_skips), steps)
+                images, seconds, evals = generate(make(method, knob, calibration), steps)
             else:
                 net = with_diffusers_cache(model, method, knob, steps, args.max_skips, ratios)
                 images, seconds, evals = timed(net, steps)

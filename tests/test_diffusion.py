@@ -23,6 +23,7 @@ from scalestack.diffusion import (  # noqa: E402
     apply_step_cache,
     apply_step_cache_diffusers,
     calibrate,
+    calibrate_diffusers,
     frechet_distance,
     psnr,
     sample,
@@ -122,6 +123,39 @@ def test_the_conditional_branch_decides_for_both(dit, calibration):
     assert split, "each sample decides alone: some call computes some rows and skips others"
 
 
+class Recorder(StepCache):
+    def __init__(self):
+        self.seen = []
+
+    def decide(self, s):
+        self.seen.append(s)
+        return torch.ones(s.t.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("layout", ["cond_first", "uncond_first"])
+def test_the_deciding_rows_are_the_conditional_ones(dit, layout):
+    torch.manual_seed(0)
+    x, t, y = torch.randn(6, *SHAPE), torch.rand(6), torch.tensor([1, 2, 3, 10, 10, 10])
+    recorder = Recorder()
+    stack = apply_step_cache(dit, recorder, guidance=layout)
+    try:
+        with torch.no_grad():
+            dit(x, t, y)
+    finally:
+        stack.remove()
+    rows = slice(0, 3) if layout == "cond_first" else slice(3, 6)
+    assert torch.equal(recorder.seen[0].latent, x[rows]) and torch.equal(recorder.seen[0].t, t[rows])
+
+
+def test_the_stricter_early_eps_covers_the_first_fifth_of_the_calls(dit, calibration):
+    _, stats = with_cache(dit, SenCache(1e9, calibration, max_skips=100, eps_start=0.0), steps=25)
+    computed = torch.stack(stats.decisions)[:, 0].tolist()
+    assert computed[:5] == [True] * 5 and not any(computed[5:])  # calls 0-4 of 25 are the first 20%
+    _, stats = with_cache(dit, TeaCache(1e9), steps=25)
+    computed = torch.stack(stats.decisions)[:, 0].tolist()
+    assert computed[0] and computed[-1] and not any(computed[1:-1])  # TeaCache: the first and last always
+
+
 def test_state_does_not_leak_between_generations_or_step_counts(dit, calibration):
     for cache in (FixedInterval(3), *all_caches(calibration, 0.3)):
         fresh = [with_cache(dit, cache, steps=steps, seed=seed)[0] for steps, seed in ((8, 1), (16, 2))]
@@ -145,13 +179,18 @@ def manual_euler(model, steps, seed):
 
 
 def test_an_unannounced_new_generation_starts_fresh(dit, calibration):
+    fresh = {}
+    for steps in (12, 7):
+        stack = apply_step_cache(dit, SenCache(0.3, calibration), guidance=None)
+        fresh[steps] = manual_euler(dit, steps, 5)
+        stack.remove()
     stack = apply_step_cache(dit, SenCache(0.3, calibration), guidance=None)
     try:
-        first, second = manual_euler(dit, 12, 5), manual_euler(dit, 12, 5)
+        runs = [manual_euler(dit, steps, 5) for steps in (12, 7, 12)]
         assert stack.last.compute_fraction < 1
     finally:
         stack.remove()
-    assert torch.equal(first, second)
+    assert torch.equal(runs[0], fresh[12]) and torch.equal(runs[1], fresh[7]) and torch.equal(runs[2], fresh[12])
 
 
 class EveryOtherRow(StepCache):
@@ -221,6 +260,34 @@ def test_bad_settings_are_named(dit, calibration):
         sample(dit, LABELS, 5, shape=SHAPE, solver="rk4")
     with pytest.raises(ValueError, match="images of shape"):
         dit(torch.zeros(2, 3, 16, 16), torch.ones(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="needs a Calibration"):
+        SenCache(0.1, None)
+    with pytest.raises(ValueError, match="start_fraction must be a fraction"):
+        SenCache(0.1, calibration, start_fraction="x")
+    for cache, x, t, error, words in (
+        (EveryOtherRow(), torch.zeros(4, *SHAPE), torch.ones(3), ValueError, "3 values for a batch of 4"),
+        (WrongShape(), torch.zeros(4, *SHAPE), torch.ones(4), TypeError, "bool tensor of shape"),
+    ):
+        stack = apply_step_cache(dit, cache, guidance=None)
+        try:
+            with pytest.raises(error, match=words):
+                dit(x, t, torch.zeros(4, dtype=torch.long))
+        finally:
+            stack.remove()
+
+
+class WrongShape(StepCache):
+    def decide(self, s):
+        return torch.ones(1, dtype=torch.bool)
+
+
+def test_calibration_follows_the_models_dtype_and_refuses_an_untrained_model():
+    images, labels = load_digits("held_out")
+    double = perturbed_dit().double()
+    result = calibrate(double, images, labels, null_class=10, num_steps=4, samples=3)
+    assert torch.isfinite(result.jx).all() and result.jx.dtype == torch.float32
+    with pytest.raises(ValueError, match="untrained"):
+        calibrate(DiT(DiTConfig(width=32, depth=2, heads=2)), images, labels, null_class=10, num_steps=4, samples=3)
 
 
 # -- the diffusers adapter ------------------------------------------------------------------------------------
@@ -241,22 +308,46 @@ def diffusers_velocity(model):
     return lambda x, t, y: model(hidden_states=x, timestep=t * 1000, class_labels=y).sample
 
 
-def test_the_diffusers_adapter_reproduces_uncached_output_bitwise_and_skips(diffusers_dit, calibration):
-    run = lambda: sample(diffusers_velocity(diffusers_dit), LABELS, 12, shape=SHAPE, guidance=2.0,  # noqa: E731
-                         null_class=10, seed=4)  # fmt: skip
-    reference = run()
-    for cache, skips in ((TeaCache(0.0), False), (SenCache(0.0, calibration), False), (FixedInterval(1), False),
-                         (FixedInterval(3), True), (TeaCache(0.5), True)):  # fmt: skip
-        stack = apply_step_cache_diffusers(diffusers_dit, cache, guidance="cond_first")
-        try:
-            out = run()
-        finally:
-            stack.remove()
-        assert torch.equal(out, reference) != skips, type(cache).__name__
-        assert (stack.last.compute_fraction < 1) == skips
-        computed = torch.stack(stack.last.decisions)
-        assert torch.equal(computed[:, :6], computed[:, 6:])
-    assert torch.equal(run(), reference)  # removed: the model is as it was
+def uncond_first_sample(model, steps, seed):
+    """Euler with guidance batched as most diffusers pipelines do: unconditional rows first."""
+    x = torch.randn((len(LABELS), *SHAPE), generator=torch.Generator().manual_seed(seed))
+    ts = timesteps(steps).tolist()
+    null = torch.full_like(LABELS, 10)
+    with torch.no_grad():
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            tt = torch.full((2 * len(LABELS),), t * 1000)
+            v_u, v_c = model(
+                hidden_states=torch.cat([x, x]), timestep=tt, class_labels=torch.cat([null, LABELS])
+            ).sample.chunk(2)
+            x = x + (t_next - t) * (v_u + 2.0 * (v_c - v_u))
+    return x
+
+
+def test_the_diffusers_adapter_reproduces_uncached_output_bitwise_and_skips(diffusers_dit):
+    images, labels = load_digits("held_out")
+    calibration = calibrate_diffusers(diffusers_dit, images, labels, null_class=10, num_steps=12, samples=6)
+    runs = {
+        "cond_first": lambda: sample(diffusers_velocity(diffusers_dit), LABELS, 12, shape=SHAPE, guidance=2.0,
+                                     null_class=10, seed=4),
+        "uncond_first": lambda: uncond_first_sample(diffusers_dit, 12, 4),
+    }  # fmt: skip
+    for layout, run in runs.items():
+        reference = run()
+        for cache, skips in ((TeaCache(0.0), False), (SenCache(0.0, calibration), False), (FixedInterval(1), False),
+                             (FixedInterval(3), True), (TeaCache(0.5, calibration.teacache_coefficients), True),
+                             (SenCache(1.0, calibration), True), (MagCache(0.5, calibration), True)):  # fmt: skip
+            stack = apply_step_cache_diffusers(diffusers_dit, cache, guidance=layout)
+            try:
+                out = run()
+            finally:
+                stack.remove()
+            assert torch.equal(out, reference) != skips, (layout, type(cache).__name__)
+            assert (stack.last.compute_fraction < 1) == skips, (layout, type(cache).__name__)
+            computed = torch.stack(stack.last.decisions)
+            assert torch.equal(computed[:, :6], computed[:, 6:])
+            if skips:
+                assert psnr(out, reference) > 15, (layout, type(cache).__name__)
+        assert torch.equal(run(), reference)  # removed: the model is as it was
 
 
 # -- the sampler against analytic flows -----------------------------------------------------------------------

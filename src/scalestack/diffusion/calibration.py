@@ -13,16 +13,17 @@ Deterministic for a seed: the samples, the noise and the generations come from s
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .flow import sample, timesteps
-from .stack import apply_step_cache
+from .stack import CachedStack, apply_step_cache, apply_step_cache_diffusers
 
 FORMAT = "scalestack step-cache calibration v1"
 
@@ -81,45 +82,76 @@ def _relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (now - before).flatten(1).abs().mean(1) / before.flatten(1).abs().mean(1).clamp_min(1e-12)
 
 
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, null_class: int, num_steps: int = 50,
-              samples: int = 32, seed: int = 0, guidance: float = 2.0) -> Calibration:  # fmt: skip
-    """Calibrate on ``samples`` of the held-out ``images`` (N, C, H, W) with their ``labels`` (N,)."""
+              samples: int = 32, seed: int = 0, guidance: float = 2.0, velocity: Velocity | None = None,
+              attach: Callable[[], CachedStack] | None = None) -> Calibration:  # fmt: skip
+    """Calibrate on ``samples`` of the held-out ``images`` (N, C, H, W) with their ``labels`` (N,).
+
+    velocity: f(x, t, y) with t in [0, 1] (default: ``model`` itself, as our DiT is called); attach: puts a
+    recording ``CachedStack`` on the model (default ``apply_step_cache(model, record=True)``).
+    ``calibrate_diffusers`` passes both for a diffusers transformer."""
     if num_steps < 2 or samples < 1:
         raise ValueError(f"need num_steps >= 2 and samples >= 1, got {num_steps} and {samples}")
-    if images.shape[0] != labels.shape[0] or images.shape[0] < samples:
-        raise ValueError(f"need at least samples={samples} images with one label each, got {images.shape[0]} "
-                         f"images and {labels.shape[0]} labels")  # fmt: skip
+    if images.dim() != 4 or images.shape[0] != labels.shape[0] or images.shape[0] < samples:
+        raise ValueError(f"need images (N, C, H, W) with one label each and N >= samples={samples}, got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")  # fmt: skip
     if getattr(model, "_step_cache", None) is not None:
         raise ValueError("calibrate the model without a step cache: call .remove() on it first")
+    f_of = velocity or model
+    param = next(model.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(images.shape[0], generator=generator)[:samples]
-    x0, y = images[pick], labels[pick]
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(images[pick].shape, generator=generator).to(device, dtype)
+    x0, y = images[pick].to(device, dtype), labels[pick].to(device)
     ts = timesteps(num_steps).tolist()
     jx, jt = [], []
+    norm = lambda v: v.flatten(1).float().norm(dim=1)  # noqa: E731
     for t, t_next in zip(ts[:-1], ts[1:]):
-        tv = lambda value: torch.full((samples,), value)  # noqa: E731
+        tv = lambda value: torch.full((samples,), value, device=device, dtype=dtype)  # noqa: E731
         x = (1 - t) * x0 + t * noise
-        f = model(x, tv(t), y)
+        f = f_of(x, tv(t), y)
         x_next = x + (t_next - t) * f
-        jx.append(((model(x_next, tv(t), y) - f).flatten(1).norm(dim=1) / (x_next - x).flatten(1).norm(dim=1)).mean())
-        jt.append(((model(x, tv(t_next), y) - f).flatten(1).norm(dim=1) / abs(t_next - t)).mean())
-    stack = apply_step_cache(model, record=True, guidance="cond_first")
+        jx.append((norm(f_of(x_next, tv(t), y) - f) / norm(x_next - x).clamp_min(1e-30)).mean())
+        jt.append((norm(f_of(x, tv(t_next), y) - f) / abs(t_next - t)).mean())
+    stack = attach() if attach is not None else apply_step_cache(model, record=True, guidance="cond_first")
     try:
-        sample(model, y, num_steps, shape=tuple(x0.shape[1:]), guidance=guidance, null_class=null_class, seed=seed)
+        sample(f_of, y, num_steps, shape=tuple(x0.shape[1:]), guidance=guidance, null_class=null_class, seed=seed)
         calls = stack.recorded
     finally:
         stack.remove()
-    log_norms = torch.stack([c["residual"].flatten(1).norm(dim=1).clamp_min(1e-30).log().mean() for c in calls])
-    call_t = torch.stack([c["t"][0] for c in calls])
+    norms = torch.stack([norm(c["residual"]).clamp_min(1e-30).log().mean() for c in calls]).cpu()
+    call_t = torch.stack([c["t"][0] for c in calls]).float().cpu()
     inputs = torch.cat([_relative_l1(b["modulated"], a["modulated"]) for a, b in zip(calls, calls[1:])])
     outputs = torch.cat([_relative_l1(b["residual"], a["residual"]) for a, b in zip(calls, calls[1:])])
-    coefficients = np.polyfit(inputs.double().numpy(), outputs.double().numpy(), deg=min(4, len(calls) - 2))
+    values = [torch.stack(jx), torch.stack(jt), norms, inputs, outputs]
+    if not all(bool(torch.isfinite(v).all()) for v in values) or float(inputs.abs().max()) == 0:
+        raise ValueError("the calibration measured no change or non-finite values: is the model trained (an "
+                         "untrained adaLN-Zero DiT is the identity)? Calibrate the trained model")  # fmt: skip
+    try:
+        coefficients = np.polyfit(inputs.double().cpu().numpy(), outputs.double().cpu().numpy(),
+                                  deg=min(4, len(calls) - 2))  # fmt: skip
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"the TeaCache fit failed ({e}): calibrate with more steps or samples") from None
     order = torch.argsort(call_t)
-    result = Calibration(torch.tensor(ts[:-1]), torch.stack(jx).float(), torch.stack(jt).float(),
-                         call_t[order].float(), log_norms[order].float(), [float(c) for c in coefficients],
-                         num_steps, samples, seed)  # fmt: skip
-    if not all(math.isfinite(c) for c in result.teacache_coefficients):
-        raise ValueError("the TeaCache fit is not finite: calibrate with more steps or samples")
-    return result
+    return Calibration(torch.tensor(ts[:-1]), torch.stack(jx).float().cpu(), torch.stack(jt).float().cpu(),
+                       call_t[order], norms[order].float(), [float(c) for c in coefficients], num_steps, samples,
+                       seed)  # fmt: skip
+
+
+def calibrate_diffusers(transformer: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, null_class: int,
+                        **options: Any) -> Calibration:  # fmt: skip
+    """``calibrate`` for a class-conditional diffusers transformer (``DiTTransformer2DModel``) called as
+    ``transformer(hidden_states=x, timestep=1000 t, class_labels=y).sample``."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return transformer(hidden_states=x, timestep=t * 1000, class_labels=y).sample
+
+    def attach() -> CachedStack:
+        return apply_step_cache_diffusers(transformer, record=True, guidance="cond_first")
+
+    return calibrate(transformer, images, labels, null_class=null_class, velocity=velocity, attach=attach, **options)

@@ -52,7 +52,7 @@ def sample(model: Denoiser, labels: torch.Tensor, num_steps: int, *, shape: tupl
         raise ValueError(f"labels must be a non-empty 1-D tensor of class ids, got shape {tuple(labels.shape)}")
     from .stack import reset_step_cache
 
-    reset_step_cache(model)
+    reset_step_cache(model, evaluations(num_steps, solver))
     param = next(iter(getattr(model, "parameters", lambda: iter(()))()), None)
     device = param.device if param is not None else labels.device
     dtype = param.dtype if param is not None else torch.float32

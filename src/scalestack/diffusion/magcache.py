@@ -4,23 +4,24 @@ accumulates |1 - product of ratios since the last computed call|; compute once t
 threshold, after ``max_skips`` (K) skips in a row, and always in the first ``retention`` of the generation.
 
 The calibration stores the mean log residual norm as a function of t, so the ratio between any two calls is
-exp(L(t) - L(t_previous)): exact for any number of steps (the official code interpolates a per-step table)."""
+exp(L(t) - L(t_previous)): exact for any number of steps (the official code interpolates a per-step table).
+Its error model sees t only: Heun's two calls at one t (the corrector, then the next step's predictor) count
+as no change, so under Heun MagCache skips the second freely; use it with Euler, as the official code does."""
 
 from __future__ import annotations
 
 import torch
 
 from .calibration import Calibration
-from .step_cache import StepCache, StepSignals, check_max_skips, check_threshold
+from .step_cache import StepCache, StepSignals, check_calibration, check_fraction, check_max_skips, check_threshold
 
 
 class MagCache(StepCache):
     def __init__(self, threshold: float, calibration: Calibration, max_skips: int = 3, retention: float = 0.2):
         self.threshold = check_threshold("threshold", threshold)
         self.max_skips = check_max_skips(max_skips)
-        if not 0 <= retention <= 1:
-            raise ValueError(f"retention must be a fraction in [0, 1], got {retention!r}")
-        self.calibration, self.retention = calibration, retention
+        check_calibration(calibration, "MagCache")
+        self.calibration, self.retention = calibration, check_fraction("retention", retention)
         self.reset()
 
     def reset(self) -> None:

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .calibration import Calibration
-from .step_cache import StepCache, StepSignals, check_max_skips, check_threshold
+from .step_cache import StepCache, StepSignals, check_calibration, check_fraction, check_max_skips, check_threshold
 
 
 class SenCache(StepCache):
@@ -25,9 +25,8 @@ class SenCache(StepCache):
         self.eps = check_threshold("eps", eps)
         self.eps_start = self.eps / 10 if eps_start is None else check_threshold("eps_start", eps_start)
         self.max_skips = check_max_skips(max_skips)
-        if not 0 <= start_fraction <= 1:
-            raise ValueError(f"start_fraction must be a fraction in [0, 1], got {start_fraction!r}")
-        self.calibration, self.start_fraction = calibration, start_fraction
+        check_calibration(calibration, "SenCache")
+        self.calibration, self.start_fraction = calibration, check_fraction("start_fraction", start_fraction)
         self.reset()
 
     def reset(self) -> None:

@@ -69,9 +69,14 @@ class CachedStack:
             block.forward = self._wrap(i, type(block).forward.__get__(block))
 
     # -- state ---------------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Start a new generation: no residual, no reference, fresh policy state, fresh ``last`` stats."""
+    def reset(self, expected_calls: int | None = None) -> None:
+        """Start a new generation: no residual, no reference, fresh policy state, fresh ``last`` stats.
+        ``expected_calls`` (the sampler's model calls, when it knows them) makes progress count calls, as the
+        official caches do; without it, progress is read from t (a pipeline that announces nothing)."""
+        if expected_calls is not None and (not isinstance(expected_calls, int) or expected_calls < 1):
+            raise ValueError(f"expected_calls must be an int >= 1, got {expected_calls!r}")
         self.cache.reset()
+        self.expected_calls = expected_calls
         self.residual: torch.Tensor | None = None
         self.calls, self.t_first, self.t_previous = 0, None, None
         self.last = CacheStats()
@@ -89,6 +94,9 @@ class CachedStack:
         bound = self.signature.bind(*args, **kwargs).arguments
         latent, t = bound[self.latent_name], bound[self.time_name]
         t = torch.as_tensor(t, device=latent.device).float().reshape(-1) / self.time_scale
+        if t.numel() not in (1, latent.shape[0]):
+            raise ValueError(f"the {self.time_name!r} argument has {t.numel()} values for a batch of "
+                             f"{latent.shape[0]}: pass one timestep, or one per row")  # fmt: skip
         self._call = latent, t.expand(latent.shape[0]) if t.numel() == 1 else t
 
     def _wrap(self, index: int, forward: Callable[..., Any]):
@@ -132,16 +140,28 @@ class CachedStack:
             self.t_previous is not None and bool((t > self.t_previous + 1e-6).any())
         ):
             self.reset()  # a new generation that nobody announced: another batch, or t went back up
+        if self.expected_calls is not None and self.calls >= self.expected_calls:
+            self.reset()  # more calls than announced: the sampler went on without a reset
         deciding = slice(0, b // 2) if self.guidance == "cond_first" else slice(b // 2, b) if halves else slice(0, b)
         if self.t_first is None:
             self.t_first = float(t.max())
-        progress = 0.0 if self.t_first <= 0 else (self.t_first - float(t[deciding].max())) / self.t_first
+        if self.expected_calls is not None:
+            progress = self.calls / self.expected_calls
+        else:
+            progress = 0.0 if self.t_first <= 0 else (self.t_first - float(t[deciding].max())) / self.t_first
         modulated = None
         if self.cache.needs_modulated_input or self.record:
             modulated = self.modulated_input(self.blocks[0], hidden, args, kwargs)[deciding]
+        last = self.expected_calls is not None and self.calls == self.expected_calls - 1
         signals = StepSignals(latent=latent[deciding], t=t[deciding], progress=progress, call=self.calls,
-                              modulated=modulated)  # fmt: skip
-        compute = self.cache.decide(signals).to(hidden.device)
+                              last=last, modulated=modulated)  # fmt: skip
+        compute = self.cache.decide(signals)
+        n = t[deciding].shape[0]
+        if not isinstance(compute, torch.Tensor) or compute.dtype != torch.bool or compute.shape != (n,):
+            is_tensor = isinstance(compute, torch.Tensor)
+            got = f"{compute.dtype} {tuple(compute.shape)}" if is_tensor else type(compute).__name__
+            raise TypeError(f"{type(self.cache).__name__}.decide must return a bool tensor of shape ({n},), got {got}")
+        compute = compute.to(hidden.device)
         if self.residual is None:
             compute = torch.ones_like(compute)
         if halves:
@@ -152,12 +172,7 @@ class CachedStack:
             out = hidden + self.residual
             if bool(compute.any()):
                 rows = compute.nonzero().squeeze(1)
-                pick = lambda v: (
-                    v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
-                )  # noqa: E731
-                sub = self._run_blocks(
-                    hidden[rows], tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
-                )
+                sub = self._run_blocks(hidden[rows], _rows_of(args, rows, b), _rows_of(kwargs, rows, b))
                 out = out.index_copy(0, rows, sub)
         residual = out - hidden
         if self.residual is None:
@@ -176,6 +191,19 @@ class CachedStack:
         self.last.decisions.append(compute.cpu())
         self._passes = len(self.blocks) - 1
         return out
+
+
+def _rows_of(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The block arguments for a subset of rows: every tensor whose first dimension is the batch, also inside
+    tuples, lists and dicts. (A per-token table whose length happens to equal the batch would be cut too:
+    such a model needs ``blocks`` whose batch arguments are unambiguous.)"""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 def _blocks_of(model: nn.Module, blocks: nn.ModuleList | None, names: tuple[str, ...]) -> nn.ModuleList:
@@ -225,18 +253,19 @@ def _diffusers_modulated_input(block: nn.Module, hidden: torch.Tensor, args: tup
     return hidden
 
 
-def apply_step_cache_diffusers(transformer: nn.Module, cache: StepCache | None = None, *,
-                               guidance: str | None = "uncond_first", record: bool = False) -> CachedStack:  # fmt: skip
+def apply_step_cache_diffusers(transformer: nn.Module, cache: StepCache | None = None, *, guidance: str | None,
+                               record: bool = False) -> CachedStack:  # fmt: skip
     """``apply_step_cache`` for a diffusers transformer (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
-    ...): its ``transformer_blocks``, latent ``hidden_states``, ``timestep`` in 0..1000, and diffusers
-    pipelines' guidance layout (unconditional rows first)."""
+    ...): its ``transformer_blocks``, latent ``hidden_states``, ``timestep`` in 0..1000. ``guidance`` must be
+    said, because diffusers' pipelines differ: ``DiTPipeline`` batches "cond_first", PixArt and most text-to-image
+    pipelines "uncond_first" (the negative prompt first); None when the pipeline runs without guidance."""
     return apply_step_cache(transformer, cache, blocks=_blocks_of(transformer, None, ("transformer_blocks",)),
                             latent="hidden_states", time="timestep", time_scale=1000.0, guidance=guidance,
                             modulated_input=_diffusers_modulated_input, record=record)  # fmt: skip
 
 
-def reset_step_cache(model: Any) -> None:
-    """Start a new generation on the step cache applied to ``model``, if any."""
+def reset_step_cache(model: Any, expected_calls: int | None = None) -> None:
+    """Start a new generation on the step cache applied to ``model``, if any (``CachedStack.reset``)."""
     stack = getattr(model, "_step_cache", None)
     if stack is not None:
-        stack.reset()
+        stack.reset(expected_calls)

@@ -18,14 +18,17 @@ class StepSignals:
     """One call, seen from the deciding rows (the conditional half under guidance).
 
     latent: the model's input latent (B, ...); t: flow time per row (B,), 1 = noise, 0 = data;
-    progress: how far the generation is, (t_first - t) / t_first, in [0, 1]; modulated: the first block's
-    modulated input (B, ...) when the policy asks for it; call: the calls made since the reset.
+    progress: how far the generation is, in [0, 1): calls made / calls expected when the sampler said how
+    many (``sample`` does), else (t_first - t) / t_first; call: the calls made since the reset; last: this is
+    the generation's last call (known only when the sampler said how many); modulated: the first block's
+    modulated input (B, ...) when the policy asks for it.
     """
 
     latent: torch.Tensor
     t: torch.Tensor
     progress: float
     call: int
+    last: bool = False
     modulated: torch.Tensor | None = None
 
 
@@ -65,6 +68,20 @@ def check_threshold(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or value != value or value < 0:
         raise ValueError(f"{name} must be a number >= 0 (0 = never skip), got {value!r}")
     return float(value)
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_calibration(calibration: object, method: str) -> None:
+    from .calibration import Calibration
+
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"{method} needs a Calibration (Calibration.load(path), from `scalestack diffusion "
+                        f"calibrate`), got {type(calibration).__name__}")  # fmt: skip
 
 
 def check_max_skips(value: int) -> int:

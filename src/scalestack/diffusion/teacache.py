@@ -1,6 +1,8 @@
 """TeaCache (Liu et al., CVPR 2025): accumulate the relative L1 change of the first block's modulated
 input between calls, rescaled by a polynomial fitted offline to how much the block stack's residual then
-changes; compute when the accumulated estimate reaches the threshold, then start again from zero."""
+changes; compute when the accumulated estimate reaches the threshold, then start again from zero. As in the
+official code, the first and the last call always compute (the last one when the sampler says how many calls
+it makes, as ``sample`` does)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class TeaCache(StepCache):
                 estimate = estimate * change + c
             self.accumulated = self.accumulated + estimate.clamp_min(0)
             compute = self.accumulated >= self.threshold  # always at threshold 0: the sum is >= 0
+            if s.last:
+                compute = torch.ones_like(compute)
             self.accumulated = torch.where(compute, torch.zeros_like(self.accumulated), self.accumulated)
         self.previous = m
         return compute
