@@ -73,7 +73,7 @@ class DiTBlock(nn.Module):
         return _modulate(self.norm1(h), shift, scale)
 
     def forward(self, hidden_states: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """(named as diffusers names a block's input, so its cache hooks find it)"""
+        """The input is named ``hidden_states``, as diffusers names a block's input, so its cache hooks find it."""
         h = hidden_states
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         b, n, d = h.shape
