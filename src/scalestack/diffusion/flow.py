@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from .stack import reset_step_cache
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SOLVERS = ("euler", "heun")
 
@@ -50,8 +52,6 @@ def sample(model: Denoiser, labels: torch.Tensor, num_steps: int, *, shape: tupl
         raise ValueError("guidance != 1 needs null_class, the label of the unconditional branch")
     if labels.dim() != 1 or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty 1-D tensor of class ids, got shape {tuple(labels.shape)}")
-    from .stack import reset_step_cache
-
     reset_step_cache(model, evaluations(num_steps, solver))
     param = next(iter(getattr(model, "parameters", lambda: iter(()))()), None)
     device = param.device if param is not None else labels.device
