@@ -69,13 +69,13 @@ def run_train(args: argparse.Namespace) -> int:
         if args.nproc < 1 or args.batch % args.nproc:
             raise ValueError(f"--nproc must be >= 1 and divide --batch {args.batch}, got {args.nproc}")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "scalestack.cli.main", *sys_argv_after_launch(args)]  # fmt: skip
+                   "-m", "scalestack.cli.main", *_rank_command(args)]  # fmt: skip
         return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     train_dit(config)
     return 0
 
 
-def sys_argv_after_launch(args: argparse.Namespace) -> list[str]:
+def _rank_command(args: argparse.Namespace) -> list[str]:
     """The same train command for each launched rank (without --nproc)."""
     return ["diffusion", "train", args.run_dir, "--steps", str(args.steps), "--batch", str(args.batch), "--lr",
             str(args.lr), "--width", str(args.width), "--depth", str(args.depth), "--heads", str(args.heads),
