@@ -148,6 +148,16 @@ def reduce_scatter_avg(output: torch.Tensor, full: torch.Tensor, group: ProcessG
         return _reduce_scatter_single(output, full, op=dist.ReduceOp.AVG, group=group, async_op=True)
 
 
+def reduce_scatter_sum(output: torch.Tensor, full: torch.Tensor, group: ProcessGroup) -> None:
+    """Sum ``full`` over ranks and leave rank r's window of the result in ``output`` (blocking): context
+    parallelism's dK/dV, each rank holding a part of every key's gradient."""
+    _traffic.reduce_scatter_bytes += full.numel() * full.element_size()
+    _traffic.reduce_scatters += 1
+    _record("reduce_scatter", full, group)
+    with torch.no_grad(), torch.profiler.record_function("scalestack::reduce_scatter"):
+        _reduce_scatter_single(output, full, op=dist.ReduceOp.SUM, group=group)
+
+
 def all_reduce_avg(tensor: torch.Tensor, group: ProcessGroup) -> Work | None:
     """Average ``tensor`` in place over ``group`` (async): HSDP's sharded gradients across replicas."""
     _traffic.all_reduces += 1

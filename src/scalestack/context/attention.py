@@ -1,0 +1,123 @@
+"""Attention over a sequence sharded head-tail across a context-parallel group: all-gather K/V (Llama 3's
+design), with its own backward.
+
+Forward: one all-gather of this rank's K and V (the KV heads, never the repeated query heads), then each of
+the rank's two query chunks attends to the key prefix it can see (under a causal mask, keys up to the chunk's
+end; all keys otherwise), masked by global positions and document ids. Only the local Q, K, V, the output and
+the log-sum-exp are saved. Backward: the same all-gather again, the local kernel's backward per chunk, and
+one reduce-scatter that sums every rank's part of dK/dV onto the ranks that own those keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from ..fsdp.collectives import all_gather, reduce_scatter_sum
+from .kernel import BLOCK, attention_backward, attention_forward
+from .sharding import check_layout, zigzag_order
+
+
+def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, order: torch.Tensor) -> torch.Tensor:
+    """(2, B, Hkv, N, D): every rank's K and V in global order, from one all-gather."""
+    p = dist.get_world_size(group)
+    local = torch.stack([k, v]).contiguous()
+    gathered = torch.empty(p * local.numel(), dtype=local.dtype, device=local.device)
+    all_gather(gathered, local.reshape(-1), group).wait()
+    two, b, h, length, d = local.shape
+    rank_major = gathered.view(p, two, b, h, length, d).permute(1, 2, 3, 0, 4, 5).reshape(two, b, h, p * length, d)
+    return rank_major.index_select(3, torch.argsort(order).to(k.device))
+
+
+def _chunks(n: int, p: int, rank: int, causal: bool) -> list[tuple[slice, int, int]]:
+    """(local rows, first global position, key prefix length) of the rank's two query chunks."""
+    c = n // (2 * p)
+    starts = (rank * c, (2 * p - 1 - rank) * c)
+    return [(slice(i * c, (i + 1) * c), start, start + c if causal else n) for i, start in enumerate(starts)]
+
+
+def _mask(start: int, c: int, keys: int, causal: bool, docs: torch.Tensor | None) -> torch.Tensor | None:
+    q_pos = torch.arange(start, start + c, device=None if docs is None else docs.device)
+    mask = None
+    if causal:
+        mask = (torch.arange(keys, device=q_pos.device)[None] <= q_pos[:, None])[None]
+    if docs is not None:
+        same = docs[:, start : start + c, None] == docs[:, None, :keys]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+class _AllGatherKVAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, docs, scale, block):  # noqa: ANN001 (autograd's signature)
+        p, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = k.shape[2] * p
+        order = zigzag_order(n, p)
+        kv = _gather_kv(k, v, group, order)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)  # fmt: skip
+        c = n // (2 * p)
+        for rows, start, keys in _chunks(n, p, rank, causal):
+            mask = _mask(start, c, keys, causal, docs)
+            out[:, :, rows], lse[:, :, rows] = attention_forward(q[:, :, rows], kv[0, :, :, :keys], kv[1, :, :, :keys],
+                                                                 mask, scale, block)  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block, ctx.order = group, causal, docs, scale, block, order
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # noqa: ANN001
+        q, k, v, out, lse = ctx.saved_tensors
+        group, p, rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        n = k.shape[2] * p
+        kv = _gather_kv(k, v, group, ctx.order)
+        dq = torch.empty(q.shape, dtype=lse.dtype, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=lse.dtype, device=q.device)
+        c = n // (2 * p)
+        for rows, start, keys in _chunks(n, p, rank, ctx.causal):
+            mask = _mask(start, c, keys, ctx.causal, ctx.docs)
+            dq[:, :, rows], dk, dv = attention_backward(q[:, :, rows], kv[0, :, :, :keys], kv[1, :, :, :keys],
+                                                        out[:, :, rows], lse[:, :, rows], dout[:, :, rows], mask,
+                                                        ctx.scale, ctx.block)  # fmt: skip
+            dkv[0, :, :, :keys] += dk
+            dkv[1, :, :, :keys] += dv
+        two, b, h, _, d = dkv.shape
+        rank_major = dkv.index_select(3, ctx.order.to(q.device)).view(two, b, h, p, n // p, d)
+        send = rank_major.permute(3, 0, 1, 2, 4, 5).contiguous().view(-1)
+        mine = torch.empty(send.numel() // p, dtype=send.dtype, device=send.device)
+        reduce_scatter_sum(mine, send, group)
+        mine = mine.view(two, b, h, n // p, d)
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None = None,
+                               *, causal: bool = True, document_ids: torch.Tensor | None = None,
+                               scale: float | None = None,
+                               block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Attention output (B, Hq, L, D) and log-sum-exp (B, Hq, L) for this rank's head-tail shard.
+
+    q: (B, Hq, L, D) and k, v: (B, Hkv, L, D), the rank's L = 2c tokens as ``shard_sequence`` lays them out
+    (Hq a multiple of Hkv: grouped-query attention gathers only the Hkv heads). document_ids: the whole
+    (padded) sequence's ids, (N,) or (B, N), the same on every rank (``document_ids(cu_seqlens, N)``): a
+    query sees only keys of its own document. scale: default 1/sqrt(D)."""
+    group = group if group is not None else dist.group.WORLD
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:1] + q.shape[2:] != k.shape[:1] + k.shape[2:]:
+        raise ValueError(f"need q (B, Hq, L, D) and k, v (B, Hkv, L, D) of one B, L and D, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    p = dist.get_world_size(group)
+    n = q.shape[2] * p
+    check_layout(n, p)
+    docs = None
+    if document_ids is not None:
+        docs = torch.as_tensor(document_ids, device=q.device)
+        docs = docs.expand(q.shape[0], -1) if docs.dim() == 1 else docs
+        if docs.shape != (q.shape[0], n):
+            raise ValueError(f"document_ids must cover the whole sequence, (N,) or (B, N) with N = {n}, got "
+                             f"{tuple(torch.as_tensor(document_ids).shape)}")  # fmt: skip
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block)

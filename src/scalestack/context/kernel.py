@@ -1,0 +1,81 @@
+"""The local attention step: output and log-sum-exp for a block of queries against a block of keys, and its
+backward from the saved log-sum-exp (flash attention's recurrences, in plain matmuls).
+
+Computed in fp32 (fp64 for fp64 inputs) on any device, in query blocks so the score matrix never exceeds
+``block`` x keys. Grouped-query attention runs on the KV heads as they are: queries are viewed as
+(kv_heads, group) and never repeated. ``mask`` is a bool (B or 1, Lq, Lk), True where a query sees a key; a
+row that sees nothing gets output 0 and log-sum-exp -inf. On GPU, flash / FlexAttention kernels that return
+the log-sum-exp take this place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 1024
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, lq, d = q.shape
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads do not group over {kv_heads} key/value heads")
+    return q.reshape(b, kv_heads, h // kv_heads, lq, d)
+
+
+def _scores(qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    return s
+
+
+def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    p = torch.exp(s - lse[..., None])
+    return torch.nan_to_num(p, nan=0.0)  # rows that see no key: -inf - (-inf)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in the compute dtype) of q against k, v."""
+    ct = _compute_dtype(q.dtype)
+    b, h, lq, d = q.shape
+    qg, k, v = _grouped(q, k.shape[1]).to(ct), k.to(ct), v.to(ct)
+    out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=ct, device=q.device)
+    for start in range(0, lq, block):
+        rows = slice(start, min(start + block, lq))
+        s = _scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale)
+        block_lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhgqk,bhkd->bhgqd", _probabilities(s, block_lse), v)
+        out[:, :, rows] = o.reshape(b, h, -1, v.shape[-1]).to(q.dtype)
+        lse[:, :, rows] = block_lse.reshape(b, h, -1)
+    return out, lse
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       dout: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                       block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq, dk, dv) in the compute dtype, from the forward's saved out and lse (scores recomputed per block)."""
+    ct = _compute_dtype(q.dtype)
+    hk = k.shape[1]
+    qg, k, v = _grouped(q, hk).to(ct), k.to(ct), v.to(ct)
+    og, dog = _grouped(out, hk).to(ct), _grouped(dout, hk).to(ct)
+    lseg = lse.reshape(*qg.shape[:-1])
+    dq = torch.empty_like(qg)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for start in range(0, q.shape[2], block):
+        rows = slice(start, min(start + block, q.shape[2]))
+        p = _probabilities(_scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale),
+                           lseg[:, :, :, rows])  # fmt: skip
+        do = dog[:, :, :, rows]
+        dv += torch.einsum("bhgqk,bhgqd->bhkd", p, do)
+        dp = torch.einsum("bhgqd,bhkd->bhgqk", do, v)
+        delta = (do * og[:, :, :, rows]).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dq[:, :, :, rows] = torch.einsum("bhgqk,bhkd->bhgqd", ds, k)
+        dk += torch.einsum("bhgqk,bhgqd->bhkd", ds, qg[:, :, :, rows])
+    return dq.reshape(q.shape), dk, dv

@@ -1,0 +1,117 @@
+"""Context-parallel attention against full attention in one process: output, log-sum-exp and dq/dk/dv, for
+P = 2, 3, 4, grouped-query attention, documents crossing shard boundaries, causal and not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_pool import DistPool
+
+from scalestack.context import (
+    context_parallel_attention,
+    document_ids,
+    pad_to_multiple,
+    shard_sequence,
+    unshard,
+    zigzag_order,
+    zigzag_positions,
+)
+from scalestack.fsdp.collectives import record_collectives
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = DistPool(4)
+    yield p
+    p.close()
+
+
+def reference(q, k, v, causal, docs):
+    """Full attention, written out: repeated KV heads, a dense mask, softmax; lse by logsumexp."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    n = q.shape[2]
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+    mask = mask[None, None].expand(q.shape[0], 1, n, n)
+    if docs is not None:
+        mask = mask & (docs[:, None, :, None] == docs[:, None, None, :])
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def case(dtype, n=24, heads=4, kv_heads=2, docs=True, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, 8, generator=g, dtype=dtype)
+    k = torch.randn(batch, kv_heads, n, 8, generator=g, dtype=dtype)
+    v = torch.randn(batch, kv_heads, n, 8, generator=g, dtype=dtype)
+    dout = torch.randn(batch, heads, n, 8, generator=g, dtype=dtype)
+    ids = None
+    if docs:  # boundaries that cross the shards: 7, 5, 9 and the rest (different per row)
+        ids = torch.stack([document_ids(torch.tensor([0, 7, 12, 21, n]), n),
+                           document_ids(torch.tensor([0, 3, 17]), n)])  # fmt: skip
+    return q, k, v, dout, ids
+
+
+def _run(rank, world, group, dtype, causal, docs, kv_heads, n):
+    q, k, v, dout, ids = case(dtype, n=n, kv_heads=kv_heads, docs=docs)
+    local = [shard_sequence(t, world, rank, dim=2).requires_grad_() for t in (q, k, v)]
+    with record_collectives() as log:
+        out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids)
+        forward_log = list(log)
+        out.backward(shard_sequence(dout, world, rank, dim=2))
+    return out.detach(), lse, [t.grad for t in local], [c.kind for c in forward_log], [c.kind for c in log]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_matches_full_attention_in_fp64(pool, world):
+    for causal, docs, kv_heads in ((True, False, 2), (True, True, 1), (False, True, 4), (False, False, 2)):
+        n = 24
+        results = pool.run(_run, world, torch.float64, causal, docs, kv_heads, n)
+        q, k, v, dout, ids = case(torch.float64, n=n, kv_heads=kv_heads, docs=docs)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = reference(q, k, v, causal, ids)
+        out.backward(dout)
+        torch.testing.assert_close(unshard([r[0] for r in results], dim=2), out.detach(), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(unshard([r[1] for r in results], dim=2), lse.detach(), atol=1e-10, rtol=1e-10)
+        for j, t in enumerate((q, k, v)):
+            torch.testing.assert_close(unshard([r[2][j] for r in results], dim=2), t.grad, atol=1e-10, rtol=1e-10)
+        # one all-gather forward; the backward adds one all-gather and one reduce-scatter
+        assert results[0][3] == ["all_gather"]
+        assert results[0][4] == ["all_gather", "all_gather", "reduce_scatter"]
+
+
+def test_matches_full_attention_in_fp32(pool):
+    world, n = 4, 64
+    results = pool.run(_run, world, torch.float32, True, True, 2, n)
+    q, k, v, dout, ids = case(torch.float32, n=n, kv_heads=2, docs=True)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = reference(q, k, v, True, ids)
+    out.backward(dout)
+    tol = dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(unshard([r[0] for r in results], dim=2), out.detach(), **tol)
+    torch.testing.assert_close(unshard([r[1] for r in results], dim=2), lse.detach(), **tol)
+    for j, t in enumerate((q, k, v)):
+        torch.testing.assert_close(unshard([r[2][j] for r in results], dim=2), t.grad, **tol)
+
+
+def test_head_tail_permutation_round_trips_and_balances_causal_work():
+    for world in (1, 2, 3, 4, 8):
+        n = 2 * world * 5
+        x = torch.arange(n)[None].repeat(3, 1) * 10 + torch.arange(3)[:, None]
+        shards = [shard_sequence(x, world, r) for r in range(world)]
+        assert torch.equal(unshard(shards), x)
+        assert sorted(zigzag_order(n, world).tolist()) == list(range(n))
+        # causal query-key pairs per rank: a query at position i sees i + 1 keys
+        pairs = [int((zigzag_positions(n, world, r) + 1).sum()) for r in range(world)]
+        assert len(set(pairs)) == 1, pairs
+    assert zigzag_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert zigzag_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="pad it to a multiple of 4"):
+        zigzag_positions(10, 2, 0)
+    assert pad_to_multiple(torch.ones(2, 5), 4, 0).shape == (2, 8)
+    assert document_ids(torch.tensor([0, 2, 5]), 7).tolist() == [0, 0, 1, 1, 1, 2, 3]
+    with pytest.raises(ValueError, match="increase strictly"):
+        document_ids(torch.tensor([0, 3, 3]), 7)
