@@ -1,8 +1,10 @@
 """Context parallelism: a sequence sharded head-tail over a group of ranks, attention that all-gathers K/V
 with its own backward, and the plumbing that shards ids, labels and positions the same way."""
 
+from .apply import apply_context_parallel
 from .attention import context_parallel_attention
 from .kernel import attention_backward, attention_forward
+from .loss import chunked_cross_entropy, global_mean_loss
 from .sharding import (
     document_ids,
     pad_to_multiple,
@@ -12,5 +14,6 @@ from .sharding import (
     zigzag_positions,
 )
 
-__all__ = ["attention_backward", "attention_forward", "context_parallel_attention", "document_ids",
-           "pad_to_multiple", "shard_sequence", "unshard", "zigzag_order", "zigzag_positions"]  # fmt: skip
+__all__ = ["apply_context_parallel", "attention_backward", "attention_forward", "chunked_cross_entropy",
+           "context_parallel_attention", "document_ids", "global_mean_loss", "pad_to_multiple", "shard_sequence",
+           "unshard", "zigzag_order", "zigzag_positions"]  # fmt: skip

@@ -1,0 +1,53 @@
+"""``apply_context_parallel(model, group)``: make a Hugging Face decoder (Llama, Qwen, Mistral, ... and the
+trainer's Llama sizes, which are Hugging Face Llamas) run its attention context-parallel, unchanged otherwise.
+
+It registers our attention as a Transformers attention implementation and switches the model to it; the
+model then takes this rank's shard of ``input_ids`` and ``position_ids`` (global positions, so RoPE is right)
+and, for packed sequences, ``cp_document_ids`` (the whole sequence's document ids) as a keyword.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed import ProcessGroup
+
+from .attention import context_parallel_attention
+
+IMPLEMENTATION = "scalestack_context_parallel"
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    group = getattr(module, "_context_parallel_group", None)
+    if group is None:
+        raise RuntimeError(f"{type(module).__name__} runs the context-parallel attention but has no group: call "
+                           "apply_context_parallel(model, group) on the whole model")  # fmt: skip
+    if dropout:
+        raise ValueError("context-parallel attention has no dropout: set the model's attention_dropout to 0")
+    if getattr(module, "sliding_window", None):
+        raise ValueError("sliding-window attention is not supported under context parallelism")
+    out, _ = context_parallel_attention(query, key, value, group, causal=getattr(module, "is_causal", True),
+                                        document_ids=kwargs.get("cp_document_ids"), scale=scaling)  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
+    """Switch ``model`` (a Transformers model) to context-parallel attention over ``group``; returns it."""
+    try:
+        from transformers import AttentionInterface, PreTrainedModel
+    except ImportError:
+        raise ImportError("apply_context_parallel works on Transformers models: pip install transformers") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"apply_context_parallel takes a Transformers model, got {type(model).__name__}")
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "scaling")]
+    if not attention_modules:
+        raise ValueError(f"no attention module found in {type(model).__name__}")
+    for m in attention_modules:
+        m._context_parallel_group = group
+    model.set_attn_implementation(IMPLEMENTATION)
+    return model
