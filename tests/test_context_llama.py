@@ -83,3 +83,83 @@ def test_llama_loss_and_gradients_match_the_whole_sequence(pool, world):
         assert mean == pytest.approx(loss.item(), rel=1e-10)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+class ChunkedLossLM(torch.nn.Module):
+    """The model's body and a chunked loss on its output projection: logits never exist for the whole shard."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, positions, labels, docs, count, group):
+        hidden = self.lm.model(input_ids=ids, position_ids=positions, cp_document_ids=docs).last_hidden_state
+        loss_sum, _ = chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, chunk=6)
+        return global_mean_loss(loss_sum, count, group)
+
+
+def dp_batches():
+    """Four packed sequences: data-parallel rank d takes sequences d and 2 + d, one per micro-batch."""
+    ids, labels, docs, positions = batch()
+    return tuple(torch.cat([t, t.flip(1) if t is ids else t]) for t in (ids, labels, docs, positions))
+
+
+def _dp_cp(rank, world, group, checkpointing, compiled):
+    import scalestack as ss
+    from scalestack.context import checkpoint_blocks
+    from scalestack.fsdp.collectives import record_collectives
+
+    torch._dynamo.reset()
+    cp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_rank, cp_rank = divmod(rank, 2)
+    lm = apply_context_parallel(tiny_llama(torch.float32), cp_groups[dp_rank])
+    initial = {k: v.clone() for k, v in lm.state_dict().items()}
+    if checkpointing:
+        checkpoint_blocks(lm.model.layers)
+    model = ChunkedLossLM(lm)
+    for layer in lm.model.layers:
+        ss.fully_shard(layer)  # FSDP over all four ranks: gradients reduced over dp x cp
+        if compiled:
+            layer.compile(backend="aot_eager")
+    ss.fully_shard(model)
+    mlp_calls = []
+    for layer in lm.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e4)  # the gradient read back as (before - after) / lr
+    ids, labels, docs, positions = dp_batches()
+    rows = [dp_rank, 2 + dp_rank]
+    count = sum((shard_sequence(labels[r : r + 1], 2, cp_rank) != -100).sum() for r in rows)
+    total = torch.zeros(())
+    with record_collectives() as log:
+        for m, r in enumerate(rows):
+            local = [shard_sequence(t[r : r + 1], 2, cp_rank) for t in (ids, positions, labels)]
+            model.set_requires_gradient_sync(m == len(rows) - 1)
+            loss = model(local[0], local[1], local[2], docs[r : r + 1], count, None)
+            loss.backward()
+            total += loss.detach()
+    attention = [c.kind for c in log if c.ranks == 2]  # the context-parallel group's collectives
+    opt.step()
+    full = {k.removeprefix("lm."): v for k, v in ss.full_state_dict(model).items()}
+    dist.all_reduce(total)
+    return total.item() / world, {k: (initial[k] - full[k]) / 1e4 for k in initial}, attention, len(mlp_calls)
+
+
+@pytest.mark.parametrize("checkpointing, compiled", [(False, False), (True, False), (False, True)])
+def test_dp_by_cp_mesh_with_fsdp_matches_one_process(pool, checkpointing, compiled):
+    results = pool.run(_dp_cp, 4, checkpointing, compiled)
+    model = tiny_llama(torch.float32)
+    ids, labels, docs, positions = dp_batches()
+    mask = (docs[:, :, None] == docs[:, None, :]) & torch.ones(N, N, dtype=torch.bool).tril()
+    bias = torch.zeros(4, 1, N, N).masked_fill(~mask[:, None], float("-inf"))
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=bias).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    for mean, grads, attention, mlp_calls in results:
+        assert mlp_calls == 4 * (2 if checkpointing else 1)  # 2 layers x 2 micro-batches, recomputed under AC
+        assert mean == pytest.approx(loss.item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            error = ((grads[name] - p.grad).norm() / p.grad.norm()).item()
+            assert error < 1e-5, (name, error)
+        # per layer and micro-batch: one all-gather forward, one all-gather and one reduce-scatter backward,
+        # with or without activation checkpointing (the recomputation reuses the attention's output)
+        assert attention == (["all_gather"] * 2 + ["all_gather", "reduce_scatter"] * 2) * 2  # 2 layers, 2 micro

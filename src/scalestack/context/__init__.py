@@ -3,6 +3,7 @@ with its own backward, and the plumbing that shards ids, labels and positions th
 
 from .apply import apply_context_parallel
 from .attention import context_parallel_attention
+from .checkpointing import checkpoint_blocks, checkpoint_keeping_attention
 from .kernel import attention_backward, attention_forward
 from .loss import chunked_cross_entropy, global_mean_loss
 from .sharding import (
@@ -14,6 +15,7 @@ from .sharding import (
     zigzag_positions,
 )
 
-__all__ = ["apply_context_parallel", "attention_backward", "attention_forward", "chunked_cross_entropy",
+__all__ = ["apply_context_parallel", "attention_backward", "attention_forward", "checkpoint_blocks",
+           "checkpoint_keeping_attention", "chunked_cross_entropy",
            "context_parallel_attention", "document_ids", "global_mean_loss", "pad_to_multiple", "shard_sequence",
            "unshard", "zigzag_order", "zigzag_positions"]  # fmt: skip

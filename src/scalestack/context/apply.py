@@ -1,5 +1,6 @@
 """``apply_context_parallel(model, group)``: make a Hugging Face decoder (Llama, Qwen, Mistral, ... and the
-trainer's Llama sizes, which are Hugging Face Llamas) run its attention context-parallel, unchanged otherwise.
+trainer's Llama sizes, which are Hugging Face Llamas) run its attention context-parallel, unchanged otherwise
+(for training: it turns the model's KV cache off).
 
 It registers our attention as a Transformers attention implementation and switches the model to it; the
 model then takes this rank's shard of ``input_ids`` and ``position_ids`` (global positions, so RoPE is right)
@@ -50,4 +51,5 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
     for m in attention_modules:
         m._context_parallel_group = group
     model.set_attn_implementation(IMPLEMENTATION)
+    model.config.use_cache = False  # training: a KV cache would also grow again under checkpoint recomputation
     return model

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
+from .checkpointing import stash_mode
 from .kernel import BLOCK, attention_backward, attention_forward
 from .sharding import check_layout, zigzag_order
 
@@ -50,19 +51,23 @@ def _mask(start: int, c: int, keys: int, causal: bool, docs: torch.Tensor | None
 
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, docs, scale, block):  # noqa: ANN001 (autograd's signature)
+    def forward(ctx, q, k, v, group, causal, docs, scale, block, kept):  # noqa: ANN001 (autograd's signature)
         p, rank = dist.get_world_size(group), dist.get_rank(group)
         n = k.shape[2] * p
         order = zigzag_order(n, p)
-        kv = _gather_kv(k, v, group, order)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)  # fmt: skip
-        c = n // (2 * p)
-        for rows, start, keys in _chunks(n, p, rank, causal):
-            mask = _mask(start, c, keys, causal, docs)
-            out[:, :, rows], lse[:, :, rows] = attention_forward(q[:, :, rows], kv[0, :, :, :keys], kv[1, :, :, :keys],
-                                                                 mask, scale, block)  # fmt: skip
+        if kept is not None:  # recomputed under activation checkpointing: the first forward's results
+            out, lse = kept
+        else:
+            kv = _gather_kv(k, v, group, order)
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                              device=q.device)  # fmt: skip
+            c = n // (2 * p)
+            for rows, start, keys in _chunks(n, p, rank, causal):
+                mask = _mask(start, c, keys, causal, docs)
+                keys_kv = kv[:, :, :, :keys]
+                out[:, :, rows], lse[:, :, rows] = attention_forward(q[:, :, rows], keys_kv[0], keys_kv[1], mask,
+                                                                     scale, block)  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block, ctx.order = group, causal, docs, scale, block, order
         ctx.mark_non_differentiable(lse)
@@ -90,9 +95,10 @@ class _AllGatherKVAttention(torch.autograd.Function):
         mine = torch.empty(send.numel() // p, dtype=send.dtype, device=send.device)
         reduce_scatter_sum(mine, send, group)
         mine = mine.view(two, b, h, n // p, d)
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None, None
 
 
+@torch._dynamo.disable  # collectives inside a custom backward: compiled models call it eagerly (a graph break)
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None = None,
                                *, causal: bool = True, document_ids: torch.Tensor | None = None,
                                scale: float | None = None,
@@ -120,4 +126,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             raise ValueError(f"document_ids must cover the whole sequence, (N,) or (B, N) with N = {n}, got "
                              f"{tuple(torch.as_tensor(document_ids).shape)}")  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block)
+    mode, stash = stash_mode()
+    kept = stash.pop(0) if mode == "replay" and stash else None
+    out, lse = _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block, kept)
+    if mode == "record":
+        stash.append((out.detach(), lse))
+    return out, lse
