@@ -16,3 +16,5 @@ echo "== CUDA/NCCL tests on $GPUS GPU(s)"
 "$PY" -m pytest -q -m cuda tests/test_cuda.py
 echo "== scalestack bench, W=$GPUS, NCCL"
 "$PY" -m scalestack.cli.main bench --device cuda --world "$GPUS" --rounds 3 --steps 10 --out runs/bench-gpu
+echo "== context parallelism, P=$GPUS: bf16 parity against unsharded flash attention, training tokens/s per GPU"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" benchmarks/context_gpu.py

@@ -16,7 +16,7 @@ from torch.distributed import ProcessGroup
 
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
 from .checkpointing import stash_mode
-from .kernel import BLOCK, attention_backward, attention_forward
+from .kernel import attention_backward, attention_forward
 from .sharding import check_layout, zigzag_order
 
 
@@ -102,7 +102,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None = None,
                                *, causal: bool = True, document_ids: torch.Tensor | None = None,
                                scale: float | None = None,
-                               block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                               block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Attention output (B, Hq, L, D) and log-sum-exp (B, Hq, L) for this rank's head-tail shard.
 
     q: (B, Hq, L, D) and k, v: (B, Hkv, L, D), the rank's L = 2c tokens as ``shard_sequence`` lays them out

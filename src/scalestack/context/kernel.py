@@ -1,18 +1,24 @@
 """The local attention step: output and log-sum-exp for a block of queries against a block of keys, and its
 backward from the saved log-sum-exp (flash attention's recurrences, in plain matmuls).
 
-Computed in fp32 (fp64 for fp64 inputs) on any device, in query blocks so the score matrix never exceeds
-``block`` x keys. Grouped-query attention runs on the KV heads as they are: queries are viewed as
-(kv_heads, group) and never repeated. ``mask`` is a bool (B or 1, Lq, Lk), True where a query sees a key; a
-row that sees nothing gets output 0 and log-sum-exp -inf. On GPU, flash / FlexAttention kernels that return
-the log-sum-exp take this place.
+Computed in fp32 (fp64 for fp64 inputs) on any device, in blocks of query rows so a block's scores hold at
+most ``SCORE_ELEMENTS`` values (or ``block`` rows), whatever the sequence length. Grouped-query attention runs
+on the KV heads as they are: queries are viewed as (kv_heads, group) and never repeated. ``mask`` is a bool
+(B or 1, Lq, Lk), True where a query sees a key; a row that sees nothing gets output 0 and log-sum-exp -inf.
+On GPU, flash / FlexAttention kernels that return the log-sum-exp take this place.
 """
 
 from __future__ import annotations
 
 import torch
 
-BLOCK = 1024
+SCORE_ELEMENTS = 2**21  # 8 MiB of fp32 scores per block
+
+
+def _rows(block: int | None, q: torch.Tensor, keys: int) -> int:
+    if block is not None:
+        return max(1, block)
+    return max(1, SCORE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * keys))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,15 +45,16 @@ def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                      block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in the compute dtype) of q against k, v."""
     ct = _compute_dtype(q.dtype)
     b, h, lq, d = q.shape
     qg, k, v = _grouped(q, k.shape[1]).to(ct), k.to(ct), v.to(ct)
     out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=ct, device=q.device)
-    for start in range(0, lq, block):
-        rows = slice(start, min(start + block, lq))
+    step = _rows(block, q, k.shape[2])
+    for start in range(0, lq, step):
+        rows = slice(start, min(start + step, lq))
         s = _scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale)
         block_lse = torch.logsumexp(s, dim=-1)
         o = torch.einsum("bhgqk,bhkd->bhgqd", _probabilities(s, block_lse), v)
@@ -58,7 +65,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        dout: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                       block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv) in the compute dtype, from the forward's saved out and lse (scores recomputed per block)."""
     ct = _compute_dtype(q.dtype)
     hk = k.shape[1]
@@ -67,8 +74,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     lseg = lse.reshape(*qg.shape[:-1])
     dq = torch.empty_like(qg)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    for start in range(0, q.shape[2], block):
-        rows = slice(start, min(start + block, q.shape[2]))
+    step = _rows(block, q, k.shape[2])
+    for start in range(0, q.shape[2], step):
+        rows = slice(start, min(start + step, q.shape[2]))
         p = _probabilities(_scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale),
                            lseg[:, :, :, rows])  # fmt: skip
         do = dog[:, :, :, rows]

@@ -1,0 +1,186 @@
+"""Context parallelism on this machine: how the longest trainable sequence grows with P, how evenly head-tail
+sharding spreads the causal attention work, and the bytes each layer communicates against the formula.
+
+    python benchmarks/context_parallel.py [--budget-mib 256] [--lengths 4096,8192]
+
+1. Memory. A Llama (Hugging Face, GQA, activation checkpointing that keeps attention outputs, chunked loss)
+   runs one training step on P = 1, 2, 4 gloo ranks; a thread samples each rank's resident memory, and the
+   step's peak above its start is the rank's working memory. Two lengths give its growth per token; the
+   longest sequence within the budget follows, and is then run to check it fits.
+2. Balance. Each rank's share of causal attention (forward and backward of its queries against the keys
+   they see), timed one rank after another on one core: head-tail chunks against contiguous ones.
+3. Bytes. The collectives one layer issues (forward and backward), counted, against 6 N h_kv (P - 1) / P.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 2, 4, 1, 256
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _rank(rank: int, world: int, port: int, n: int, queue) -> None:
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scalestack.context import (
+        apply_context_parallel,
+        checkpoint_blocks,
+        chunked_cross_entropy,
+        global_mean_loss,
+        shard_sequence,
+    )
+    from scalestack.fsdp.collectives import record_collectives
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)
+    cfg = LlamaConfig(vocab_size=VOCAB, intermediate_size=4 * HIDDEN, max_position_embeddings=n, **sizes)
+    model = apply_context_parallel(LlamaForCausalLM(cfg), dist.group.WORLD)
+    checkpoint_blocks(model.model.layers)
+    warm = torch.randint(0, VOCAB, (1, 2 * world * 64))  # first-call allocations are not the sequence's
+    w = [shard_sequence(t, world, rank) for t in (warm, torch.arange(warm.shape[1])[None])]
+    global_mean_loss(*chunked_cross_entropy(model.model(input_ids=w[0], position_ids=w[1]).last_hidden_state,
+                                            model.lm_head.weight, w[0])).backward()  # fmt: skip
+    model.zero_grad(set_to_none=False)
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(ids, -1, dims=1)
+    local = [shard_sequence(t, world, rank) for t in (ids, labels, torch.arange(n)[None])]
+    dist.barrier()
+    start, peak, running = _rss_mib(), [0.0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    with record_collectives() as log:
+        hidden = model.model(input_ids=local[0], position_ids=local[2]).last_hidden_state
+        loss_sum, count = chunked_cross_entropy(hidden, model.lm_head.weight, local[1], chunk=1024)
+        global_mean_loss(loss_sum, count).backward()
+    seconds = time.perf_counter() - t0
+    running[0] = False
+    sampler.join()
+    attention = [c for c in log if c.kind in ("all_gather", "reduce_scatter") and c.elements != 1]
+    queue.put((rank, max(peak[0], _rss_mib()) - start, seconds, [(c.kind, c.elements) for c in attention]))
+    dist.destroy_process_group()
+
+
+def run_step(world: int, n: int) -> list[tuple]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, n, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = dict((r[0], r[1:]) for r in (queue.get(timeout=1200) for _ in range(world)))
+    for p in procs:
+        p.join(timeout=60)
+    return [out[r] for r in range(world)]
+
+
+def balance(n: int, world: int) -> dict[str, list[float]]:
+    """Seconds of each rank's causal attention (forward + backward) for head-tail and contiguous shards."""
+    from scalestack.context.kernel import attention_backward, attention_forward
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    d = HIDDEN // HEADS
+    q = torch.randn(1, HEADS, n, d, generator=g)
+    k, v = torch.randn(1, KV_HEADS, n, d, generator=g), torch.randn(1, KV_HEADS, n, d, generator=g)
+    c = n // (2 * world)
+    layouts = {
+        "head-tail": [[(r * c, (r + 1) * c), ((2 * world - 1 - r) * c, (2 * world - r) * c)] for r in range(world)],
+        "contiguous": [[(r * 2 * c, (r + 1) * 2 * c)] for r in range(world)],
+    }
+    out = {}
+    for name, ranks in layouts.items():
+        times = []
+        for chunks in ranks:
+            t0 = time.perf_counter()
+            for lo, hi in chunks:
+                mask = (torch.arange(hi)[None] <= torch.arange(lo, hi)[:, None])[None]
+                o, lse = attention_forward(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask, d**-0.5)
+                attention_backward(
+                    q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], o, lse, torch.ones_like(o), mask, d**-0.5
+                )
+            times.append(time.perf_counter() - t0)
+        out[name] = times
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-mib", type=float, default=256.0)
+    p.add_argument("--lengths", default="4096,8192", help="two sequence lengths to measure growth per token")
+    p.add_argument("--worlds", default="1,2,4")
+    args = p.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    worlds = [int(x) for x in args.worlds.split(",")]
+    print(f"Llama {LAYERS} x {HIDDEN}, {HEADS} heads / {KV_HEADS} KV heads, fp32, checkpointing keeping attention "
+          f"outputs, chunked loss; per-rank working memory = peak resident memory above the step's start")  # fmt: skip
+    print(f"\n{'P':>3}{'N':>8}{'peak MiB (max over ranks)':>28}{'step s':>9}")
+    fits = {}
+    for world in worlds:
+        peaks = []
+        for n in lengths:
+            results = run_step(world, n)
+            peaks.append(max(r[0] for r in results))
+            print(f"{world:>3}{n:>8}{peaks[-1]:>28.1f}{max(r[1] for r in results):>9.1f}", flush=True)
+        slope = (peaks[1] - peaks[0]) / (lengths[1] - lengths[0])
+        base = peaks[0] - slope * lengths[0]
+        unit = 2 * world * 256
+        n_max = int((args.budget_mib - base) / slope) // unit * unit
+        check = max(r[0] for r in run_step(world, n_max))
+        fits[world] = (n_max, check)
+        print(f"{world:>3}{n_max:>8}{check:>28.1f}   <- longest within {args.budget_mib:.0f} MiB "
+              f"({slope * 1024:.2f} MiB per 1k tokens)", flush=True)  # fmt: skip
+    print("\nlongest sequence within the budget: " + ", ".join(
+        f"P={w}: {n:,} ({n / fits[worlds[0]][0]:.2f}x)" for w, (n, _) in fits.items()))  # fmt: skip
+
+    n, world = lengths[-1], 4
+    spread = balance(n, world)
+    print(f"\nper-rank causal attention, N={n}, P={world} (fwd+bwd seconds per rank; max/min):")
+    for name, times in spread.items():
+        print(f"  {name:<11}" + " ".join(f"{t:6.2f}" for t in times) + f"   max/min {max(times) / min(times):.2f}")
+
+    print("\nbytes per layer (fp32), measured against 6 N h_kv (P - 1) / P x 4 bytes (received per rank):")
+    for world in worlds[1:]:
+        n = lengths[0]
+        log = run_step(world, n)[0][2]
+        gathers = [e for kind, e in log if kind == "all_gather"]
+        scatters = [e for kind, e in log if kind == "reduce_scatter"]
+        # each all-gather's output holds all P shards: a rank receives (P - 1) / P of it; a reduce-scatter's
+        # input is all P shards: a rank sends (P - 1) / P of it
+        moved = (sum(gathers) + sum(scatters)) * (world - 1) / world * 4 / LAYERS
+        h_kv = KV_HEADS * (HIDDEN // HEADS)
+        formula = 6 * n * h_kv * (world - 1) / world * 4
+        counts = f"{len(gathers) // LAYERS} all-gathers + {len(scatters) // LAYERS} reduce-scatter per layer"
+        print(
+            f"  P={world}, N={n}: {counts}, {moved / 2**20:.2f} MiB vs formula {formula / 2**20:.2f} MiB "
+            f"({moved / formula:.3f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
