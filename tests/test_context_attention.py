@@ -9,6 +9,7 @@ from dist_pool import DistPool
 
 from scalestack.context import (
     context_parallel_attention,
+    document_head_tail_layout,
     document_ids,
     pad_to_multiple,
     shard_sequence,
@@ -55,13 +56,17 @@ def case(dtype, n=24, heads=4, kv_heads=2, docs=True, batch=2, seed=0):
     return q, k, v, dout, ids
 
 
-def _run(rank, world, group, dtype, causal, docs, kv_heads, n):
+def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None):
     q, k, v, dout, ids = case(dtype, n=n, kv_heads=kv_heads, docs=docs)
-    local = [shard_sequence(t, world, rank, dim=2).requires_grad_() for t in (q, k, v)]
+    layout = None
+    if cu is not None:  # one document layout for the whole batch: both rows packed alike
+        layout = document_head_tail_layout(torch.tensor(cu), n, world)
+        ids = document_ids(torch.tensor(cu), n)
+    local = [shard_sequence(t, world, rank, dim=2, layout=layout).requires_grad_() for t in (q, k, v)]
     with record_collectives() as log:
-        out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids)
+        out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids, layout=layout)
         forward_log = list(log)
-        out.backward(shard_sequence(dout, world, rank, dim=2))
+        out.backward(shard_sequence(dout, world, rank, dim=2, layout=layout))
     return out.detach(), lse, [t.grad for t in local], [c.kind for c in forward_log], [c.kind for c in log]
 
 
@@ -115,3 +120,27 @@ def test_head_tail_permutation_round_trips_and_balances_causal_work():
     assert document_ids(torch.tensor([0, 2, 5]), 7).tolist() == [0, 0, 1, 1, 1, 2, 3]
     with pytest.raises(ValueError, match="increase strictly"):
         document_ids(torch.tensor([0, 3, 3]), 7)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_document_layout_matches_full_attention_and_balances_every_document(pool, world):
+    n, cu = 48, [0, 16, 24, 40]  # three documents of 16, 8 and 16 tokens, and 8 of padding: multiples of 2P
+    layout = document_head_tail_layout(torch.tensor(cu), n, world)
+    docs = document_ids(torch.tensor(cu), n)
+    k_pos = torch.arange(n)
+    pairs = []
+    for r in range(world):
+        q_pos = layout.positions(r)
+        pairs.append(int(((k_pos[None] <= q_pos[:, None]) & (docs[q_pos][:, None] == docs[None])).sum()))
+    assert len(set(pairs)) == 1, pairs  # the same unmasked query-key pairs on every rank
+    for causal in (True, False):
+        results = pool.run(_run, world, torch.float64, causal, True, 2, n, cu)
+        q, k, v, dout, _ = case(torch.float64, n=n, kv_heads=2, docs=True)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = reference(q, k, v, causal, docs.expand(2, -1))
+        out.backward(dout)
+        tol = dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(unshard([r[0] for r in results], dim=2, layout=layout), out.detach(), **tol)
+        torch.testing.assert_close(unshard([r[1] for r in results], dim=2, layout=layout), lse.detach(), **tol)
+        for j, t in enumerate((q, k, v)):
+            torch.testing.assert_close(unshard([r[2][j] for r in results], dim=2, layout=layout), t.grad, **tol)

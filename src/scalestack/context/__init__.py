@@ -7,7 +7,10 @@ from .checkpointing import checkpoint_blocks, checkpoint_keeping_attention
 from .kernel import attention_backward, attention_forward
 from .loss import chunked_cross_entropy, global_mean_loss
 from .sharding import (
+    Layout,
+    document_head_tail_layout,
     document_ids,
+    head_tail_layout,
     pad_to_multiple,
     shard_sequence,
     unshard,
@@ -15,7 +18,9 @@ from .sharding import (
     zigzag_positions,
 )
 
-__all__ = ["apply_context_parallel", "attention_backward", "attention_forward", "checkpoint_blocks",
-           "checkpoint_keeping_attention", "chunked_cross_entropy",
-           "context_parallel_attention", "document_ids", "global_mean_loss", "pad_to_multiple", "shard_sequence",
-           "unshard", "zigzag_order", "zigzag_positions"]  # fmt: skip
+__all__ = [
+    "Layout", "apply_context_parallel", "attention_backward", "attention_forward", "checkpoint_blocks",
+    "checkpoint_keeping_attention", "chunked_cross_entropy", "context_parallel_attention",
+    "document_head_tail_layout", "document_ids", "global_mean_loss", "head_tail_layout", "pad_to_multiple",
+    "shard_sequence", "unshard", "zigzag_order", "zigzag_positions",
+]  # fmt: skip

@@ -17,7 +17,7 @@ from torch.distributed import ProcessGroup
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
 from .checkpointing import stash_mode
 from .kernel import attention_backward, attention_forward
-from .sharding import check_layout, zigzag_order
+from .sharding import Layout, head_tail_layout
 
 
 def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, order: torch.Tensor) -> torch.Tensor:
@@ -31,30 +31,42 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, order: tor
     return rank_major.index_select(3, torch.argsort(order).to(k.device))
 
 
-def _chunks(n: int, p: int, rank: int, causal: bool) -> list[tuple[slice, int, int]]:
-    """(local rows, first global position, key prefix length) of the rank's two query chunks."""
-    c = n // (2 * p)
-    starts = (rank * c, (2 * p - 1 - rank) * c)
-    return [(slice(i * c, (i + 1) * c), start, start + c if causal else n) for i, start in enumerate(starts)]
+def _runs(layout: Layout, rank: int, causal: bool, first: torch.Tensor | None) -> list[tuple[slice, int, int, int]]:
+    """(local rows, first global position, first key, end of keys) of each run of the rank's queries: keys
+    before the run's first document (when documents are sorted) or after it (causal) are never seen."""
+    out, local = [], 0
+    for start, length in layout.runs[rank]:
+        lo = 0 if first is None else int(first[:, start : start + length].min())
+        out.append((slice(local, local + length), start, lo, start + length if causal else layout.n))
+        local += length
+    return out
 
 
-def _mask(start: int, c: int, keys: int, causal: bool, docs: torch.Tensor | None) -> torch.Tensor | None:
-    q_pos = torch.arange(start, start + c, device=None if docs is None else docs.device)
+def _first_of_document(docs: torch.Tensor | None) -> torch.Tensor | None:
+    """Per position, where its document starts, when every row's ids are sorted (packed documents)."""
+    if docs is None or bool((docs[:, 1:] < docs[:, :-1]).any()):
+        return None
+    return torch.stack([torch.searchsorted(row.contiguous(), row.contiguous()) for row in docs])
+
+
+def _mask(start: int, length: int, lo: int, hi: int, causal: bool, docs: torch.Tensor | None) -> torch.Tensor | None:
+    device = None if docs is None else docs.device
     mask = None
     if causal:
-        mask = (torch.arange(keys, device=q_pos.device)[None] <= q_pos[:, None])[None]
+        q_pos = torch.arange(start, start + length, device=device)
+        mask = (torch.arange(lo, hi, device=device)[None] <= q_pos[:, None])[None]
     if docs is not None:
-        same = docs[:, start : start + c, None] == docs[:, None, :keys]
+        same = docs[:, start : start + length, None] == docs[:, None, lo:hi]
         mask = same if mask is None else mask & same
     return mask
 
 
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, docs, scale, block, kept):  # noqa: ANN001 (autograd's signature)
-        p, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = k.shape[2] * p
-        order = zigzag_order(n, p)
+    def forward(ctx, q, k, v, group, causal, docs, scale, block, kept, layout):  # noqa: ANN001 (autograd's)
+        rank = dist.get_rank(group)
+        order = layout.order()
+        runs = _runs(layout, rank, causal, _first_of_document(docs))
         if kept is not None:  # recomputed under activation checkpointing: the first forward's results
             out, lse = kept
         else:
@@ -62,47 +74,46 @@ class _AllGatherKVAttention(torch.autograd.Function):
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                               device=q.device)  # fmt: skip
-            c = n // (2 * p)
-            for rows, start, keys in _chunks(n, p, rank, causal):
-                mask = _mask(start, c, keys, causal, docs)
-                keys_kv = kv[:, :, :, :keys]
+            for rows, start, lo, hi in runs:
+                mask = _mask(start, rows.stop - rows.start, lo, hi, causal, docs)
+                keys_kv = kv[:, :, :, lo:hi]
                 out[:, :, rows], lse[:, :, rows] = attention_forward(q[:, :, rows], keys_kv[0], keys_kv[1], mask,
                                                                      scale, block)  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block, ctx.order = group, causal, docs, scale, block, order
+        ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block = group, causal, docs, scale, block
+        ctx.order, ctx.runs = order, runs
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
-        group, p, rank = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        group, p = ctx.group, dist.get_world_size(ctx.group)
         n = k.shape[2] * p
         kv = _gather_kv(k, v, group, ctx.order)
         dq = torch.empty(q.shape, dtype=lse.dtype, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=lse.dtype, device=q.device)
-        c = n // (2 * p)
-        for rows, start, keys in _chunks(n, p, rank, ctx.causal):
-            mask = _mask(start, c, keys, ctx.causal, ctx.docs)
-            dq[:, :, rows], dk, dv = attention_backward(q[:, :, rows], kv[0, :, :, :keys], kv[1, :, :, :keys],
+        for rows, start, lo, hi in ctx.runs:
+            mask = _mask(start, rows.stop - rows.start, lo, hi, ctx.causal, ctx.docs)
+            dq[:, :, rows], dk, dv = attention_backward(q[:, :, rows], kv[0, :, :, lo:hi], kv[1, :, :, lo:hi],
                                                         out[:, :, rows], lse[:, :, rows], dout[:, :, rows], mask,
                                                         ctx.scale, ctx.block)  # fmt: skip
-            dkv[0, :, :, :keys] += dk
-            dkv[1, :, :, :keys] += dv
+            dkv[0, :, :, lo:hi] += dk
+            dkv[1, :, :, lo:hi] += dv
         two, b, h, _, d = dkv.shape
         rank_major = dkv.index_select(3, ctx.order.to(q.device)).view(two, b, h, p, n // p, d)
         send = rank_major.permute(3, 0, 1, 2, 4, 5).contiguous().view(-1)
         mine = torch.empty(send.numel() // p, dtype=send.dtype, device=send.device)
         reduce_scatter_sum(mine, send, group)
         mine = mine.view(two, b, h, n // p, d)
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None, None, None
 
 
 @torch._dynamo.disable  # collectives inside a custom backward: compiled models call it eagerly (a graph break)
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None = None,
                                *, causal: bool = True, document_ids: torch.Tensor | None = None,
-                               scale: float | None = None,
-                               block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                               scale: float | None = None, block: int | None = None,
+                               layout: Layout | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Attention output (B, Hq, L, D) and log-sum-exp (B, Hq, L) for this rank's head-tail shard.
 
     q: (B, Hq, L, D) and k, v: (B, Hkv, L, D), the rank's L = 2c tokens as ``shard_sequence`` lays them out
@@ -117,7 +128,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     p = dist.get_world_size(group)
     n = q.shape[2] * p
-    check_layout(n, p)
+    layout = layout or head_tail_layout(n, p)
+    if layout.n != n or layout.cp_size != p:
+        raise ValueError(f"the layout is for {layout.n} tokens over {layout.cp_size} ranks, but {p} ranks hold "
+                         f"{q.shape[2]} each")  # fmt: skip
     docs = None
     if document_ids is not None:
         docs = torch.as_tensor(document_ids, device=q.device)
@@ -128,7 +142,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mode, stash = stash_mode()
     kept = stash.pop(0) if mode == "replay" and stash else None
-    out, lse = _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block, kept)
+    out, lse = _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block, kept, layout)
     if mode == "record":
         stash.append((out.detach(), lse))
     return out, lse
