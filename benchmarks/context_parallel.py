@@ -1,7 +1,7 @@
 """Context parallelism on this machine: how the longest trainable sequence grows with P, how evenly head-tail
 sharding spreads the causal attention work, and the bytes each layer communicates against the formula.
 
-    python benchmarks/context_parallel.py [--budget-mib 256] [--lengths 4096,8192]
+    python benchmarks/context_parallel.py [--budget-mib 192] [--lengths 2048,4096]
 
 1. Memory. A Llama (Hugging Face, GQA, activation checkpointing that keeps attention outputs, chunked loss)
    runs one training step on P = 1, 2, 4 gloo ranks; a thread samples each rank's resident memory, and the
@@ -65,7 +65,7 @@ def _rank(rank: int, world: int, port: int, n: int, queue) -> None:
     def sample() -> None:
         while running[0]:
             peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.002)
+            time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -131,8 +131,8 @@ def balance(n: int, world: int) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-mib", type=float, default=256.0)
-    p.add_argument("--lengths", default="4096,8192", help="two sequence lengths to measure growth per token")
+    p.add_argument("--budget-mib", type=float, default=192.0)
+    p.add_argument("--lengths", default="2048,4096", help="two sequence lengths to measure growth per token")
     p.add_argument("--worlds", default="1,2,4")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -16,7 +16,7 @@ from torch.distributed import ProcessGroup
 
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
 from .checkpointing import stash_mode
-from .kernel import attention_backward, attention_forward
+from .kernel import Mask, attention_backward, attention_forward
 from .sharding import Layout, head_tail_layout
 
 
@@ -49,16 +49,23 @@ def _first_of_document(docs: torch.Tensor | None) -> torch.Tensor | None:
     return torch.stack([torch.searchsorted(row.contiguous(), row.contiguous()) for row in docs])
 
 
-def _mask(start: int, length: int, lo: int, hi: int, causal: bool, docs: torch.Tensor | None) -> torch.Tensor | None:
-    device = None if docs is None else docs.device
-    mask = None
-    if causal:
-        q_pos = torch.arange(start, start + length, device=device)
-        mask = (torch.arange(lo, hi, device=device)[None] <= q_pos[:, None])[None]
-    if docs is not None:
-        same = docs[:, start : start + length, None] == docs[:, None, lo:hi]
-        mask = same if mask is None else mask & same
-    return mask
+def _mask(start: int, length: int, lo: int, hi: int, causal: bool, docs: torch.Tensor | None) -> Mask:
+    """The run's mask, built one block of query rows at a time (never run length x keys at once)."""
+    if not causal and docs is None:
+        return None
+
+    def rows_mask(rows: slice) -> torch.Tensor:
+        a, b = start + rows.start, start + min(rows.stop, length)
+        device = None if docs is None else docs.device
+        mask = None
+        if causal:
+            mask = (torch.arange(lo, hi, device=device)[None] <= torch.arange(a, b, device=device)[:, None])[None]
+        if docs is not None:
+            same = docs[:, a:b, None] == docs[:, None, lo:hi]
+            mask = same if mask is None else mask & same
+        return mask
+
+    return rows_mask
 
 
 class _AllGatherKVAttention(torch.autograd.Function):

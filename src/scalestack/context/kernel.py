@@ -4,13 +4,19 @@ backward from the saved log-sum-exp (flash attention's recurrences, in plain mat
 Computed in fp32 (fp64 for fp64 inputs) on any device, in blocks of query rows so a block's scores hold at
 most ``SCORE_ELEMENTS`` values (or ``block`` rows), whatever the sequence length. Grouped-query attention runs
 on the KV heads as they are: queries are viewed as (kv_heads, group) and never repeated. ``mask`` is a bool
-(B or 1, Lq, Lk), True where a query sees a key; a row that sees nothing gets output 0 and log-sum-exp -inf.
+(B or 1, Lq, Lk), True where a query sees a key, or a function of a slice of query rows that builds that
+block's rows only (so no mask of Lq x Lk ever exists); a row that sees nothing gets output 0 and
+log-sum-exp -inf.
 On GPU, flash / FlexAttention kernels that return the log-sum-exp take this place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Mask = torch.Tensor | Callable[[slice], torch.Tensor | None] | None
 
 SCORE_ELEMENTS = 2**21  # 8 MiB of fp32 scores per block
 
@@ -39,12 +45,18 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale:
     return s
 
 
+def _rows_of(mask: Mask, rows: slice) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return mask(rows) if callable(mask) else mask[:, rows]
+
+
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     p = torch.exp(s - lse[..., None])
     return torch.nan_to_num(p, nan=0.0)  # rows that see no key: -inf - (-inf)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float,
                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in the compute dtype) of q against k, v."""
     ct = _compute_dtype(q.dtype)
@@ -55,7 +67,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     step = _rows(block, q, k.shape[2])
     for start in range(0, lq, step):
         rows = slice(start, min(start + step, lq))
-        s = _scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale)
+        s = _scores(qg[:, :, :, rows], k, _rows_of(mask, rows), scale)
         block_lse = torch.logsumexp(s, dim=-1)
         o = torch.einsum("bhgqk,bhkd->bhgqd", _probabilities(s, block_lse), v)
         out[:, :, rows] = o.reshape(b, h, -1, v.shape[-1]).to(q.dtype)
@@ -64,7 +76,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       dout: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                       dout: torch.Tensor, mask: Mask, scale: float,
                        block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv) in the compute dtype, from the forward's saved out and lse (scores recomputed per block)."""
     ct = _compute_dtype(q.dtype)
@@ -77,7 +89,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     step = _rows(block, q, k.shape[2])
     for start in range(0, q.shape[2], step):
         rows = slice(start, min(start + step, q.shape[2]))
-        p = _probabilities(_scores(qg[:, :, :, rows], k, None if mask is None else mask[:, rows], scale),
+        p = _probabilities(_scores(qg[:, :, :, rows], k, _rows_of(mask, rows), scale),
                            lseg[:, :, :, rows])  # fmt: skip
         do = dog[:, :, :, rows]
         dv += torch.einsum("bhgqk,bhgqd->bhkd", p, do)
