@@ -1,11 +1,11 @@
 """Context parallelism on this machine: how the longest trainable sequence grows with P, how evenly head-tail
 sharding spreads the causal attention work, and the bytes each layer communicates against the formula.
 
-    python benchmarks/context_parallel.py [--budget-mib 192] [--lengths 2048,4096]
+    python benchmarks/context_parallel.py [--budget-mib 80] [--lengths 4096,8192]
 
 1. Memory. A Llama (Hugging Face, GQA, activation checkpointing that keeps attention outputs, chunked loss)
-   runs one training step on P = 1, 2, 4 gloo ranks; a thread samples each rank's resident memory, and the
-   step's peak above its start is the rank's working memory. Two lengths give its growth per token; the
+   runs one training step on P = 1, 2, 4 gloo ranks; a thread samples each rank's bytes allocated by malloc,
+   and the step's peak above its start is the rank's working memory. Two lengths give its growth per token; the
    longest sequence within the budget follows, and is then run to check it fits.
 2. Balance. Each rank's share of causal attention (forward and backward of its queries against the keys
    they see), timed one rank after another on one core: head-tail chunks against contiguous ones.
@@ -15,6 +15,7 @@ sharding spreads the causal attention work, and the bytes each layer communicate
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import threading
 import time
@@ -25,9 +26,20 @@ import torch.multiprocessing as mp
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 2, 4, 1, 256
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def _allocated_mib() -> float:
+    """Bytes malloc has handed out and not taken back (in arenas and mmapped), unlike resident memory, which
+    keeps freed pages: the live working memory, without the allocator's retention."""
+    info = _libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def _rank(rank: int, world: int, port: int, n: int, queue) -> None:
@@ -60,11 +72,11 @@ def _rank(rank: int, world: int, port: int, n: int, queue) -> None:
     labels = torch.roll(ids, -1, dims=1)
     local = [shard_sequence(t, world, rank) for t in (ids, labels, torch.arange(n)[None])]
     dist.barrier()
-    start, peak, running = _rss_mib(), [0.0], [True]
+    start, peak, running = _allocated_mib(), [0.0], [True]
 
     def sample() -> None:
         while running[0]:
-            peak[0] = max(peak[0], _rss_mib())
+            peak[0] = max(peak[0], _allocated_mib())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -78,7 +90,7 @@ def _rank(rank: int, world: int, port: int, n: int, queue) -> None:
     running[0] = False
     sampler.join()
     attention = [c for c in log if c.kind in ("all_gather", "reduce_scatter") and c.elements != 1]
-    queue.put((rank, max(peak[0], _rss_mib()) - start, seconds, [(c.kind, c.elements) for c in attention]))
+    queue.put((rank, max(peak[0], _allocated_mib()) - start, seconds, [(c.kind, c.elements) for c in attention]))
     dist.destroy_process_group()
 
 
@@ -131,14 +143,14 @@ def balance(n: int, world: int) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-mib", type=float, default=192.0)
-    p.add_argument("--lengths", default="2048,4096", help="two sequence lengths to measure growth per token")
+    p.add_argument("--budget-mib", type=float, default=80.0)
+    p.add_argument("--lengths", default="4096,8192", help="two sequence lengths to measure growth per token")
     p.add_argument("--worlds", default="1,2,4")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     worlds = [int(x) for x in args.worlds.split(",")]
     print(f"Llama {LAYERS} x {HIDDEN}, {HEADS} heads / {KV_HEADS} KV heads, fp32, checkpointing keeping attention "
-          f"outputs, chunked loss; per-rank working memory = peak resident memory above the step's start")  # fmt: skip
+          f"outputs, chunked loss; per-rank memory = peak malloc bytes above the step's start")  # fmt: skip
     print(f"\n{'P':>3}{'N':>8}{'peak MiB (max over ranks)':>28}{'step s':>9}")
     fits = {}
     for world in worlds:
