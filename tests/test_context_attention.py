@@ -56,7 +56,7 @@ def case(dtype, n=24, heads=4, kv_heads=2, docs=True, batch=2, seed=0):
     return q, k, v, dout, ids
 
 
-def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None):
+def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None, block=None):
     q, k, v, dout, ids = case(dtype, n=n, kv_heads=kv_heads, docs=docs)
     layout = None
     if cu is not None:  # one document layout for the whole batch: both rows packed alike
@@ -64,7 +64,8 @@ def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None):
         ids = document_ids(torch.tensor(cu), n)
     local = [shard_sequence(t, world, rank, dim=2, layout=layout).requires_grad_() for t in (q, k, v)]
     with record_collectives() as log:
-        out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids, layout=layout)
+        out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids, layout=layout,
+                                              block=block)  # fmt: skip
         forward_log = list(log)
         out.backward(shard_sequence(dout, world, rank, dim=2, layout=layout))
     return out.detach(), lse, [t.grad for t in local], [c.kind for c in forward_log], [c.kind for c in log]
@@ -74,7 +75,7 @@ def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None):
 def test_matches_full_attention_in_fp64(pool, world):
     for causal, docs, kv_heads in ((True, False, 2), (True, True, 1), (False, True, 4), (False, False, 2)):
         n = 24
-        results = pool.run(_run, world, torch.float64, causal, docs, kv_heads, n)
+        results = pool.run(_run, world, torch.float64, causal, docs, kv_heads, n, None, 1 + world)  # small blocks
         q, k, v, dout, ids = case(torch.float64, n=n, kv_heads=kv_heads, docs=docs)
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
         out, lse = reference(q, k, v, causal, ids)

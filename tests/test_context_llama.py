@@ -13,7 +13,9 @@ pytest.importorskip("transformers")
 
 from scalestack.context import (  # noqa: E402
     apply_context_parallel,
+    checkpoint_blocks,
     chunked_cross_entropy,
+    document_head_tail_layout,
     document_ids,
     global_mean_loss,
     shard_sequence,
@@ -50,11 +52,17 @@ def batch():
     return ids, labels, docs, positions
 
 
-def _cp_step(rank, world, group, chunk):
+def _cp_step(rank, world, group, chunk, by_document=False):
     model = apply_context_parallel(tiny_llama(), group)
     ids, labels, docs, positions = batch()
-    local = [shard_sequence(t, world, rank) for t in (ids, labels, positions)]
-    hidden = model.model(input_ids=local[0], position_ids=local[2], cp_document_ids=docs).last_hidden_state
+    layout = None
+    if by_document:  # both rows packed alike: 8 + 16 + 8 tokens, each a multiple of 2P
+        docs = document_ids(torch.tensor([0, 8, 24]), N).expand(2, -1)
+        positions = torch.cat([torch.arange(8), torch.arange(16), torch.arange(8)]).expand(2, -1)
+        layout = document_head_tail_layout(torch.tensor([0, 8, 24]), N, world)
+    local = [shard_sequence(t, world, rank, layout=layout) for t in (ids, labels, positions)]
+    hidden = model.model(input_ids=local[0], position_ids=local[2], cp_document_ids=docs,
+                         cp_layout=layout).last_hidden_state  # fmt: skip
     loss_sum, count = chunked_cross_entropy(hidden, model.lm_head.weight, local[1], chunk=chunk)
     loss = global_mean_loss(loss_sum, count, group)
     loss.backward()
@@ -68,11 +76,14 @@ def _cp_step(rank, world, group, chunk):
     return mean.item() / world, grads
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_llama_loss_and_gradients_match_the_whole_sequence(pool, world):
-    results = pool.run(_cp_step, world, 5)
+@pytest.mark.parametrize("world, by_document", [(2, False), (4, False), (4, True)])
+def test_llama_loss_and_gradients_match_the_whole_sequence(pool, world, by_document):
+    results = pool.run(_cp_step, world, 5, by_document)
     model = tiny_llama()
     ids, labels, docs, positions = batch()
+    if by_document:
+        docs = document_ids(torch.tensor([0, 8, 24]), N).expand(2, -1)
+        positions = torch.cat([torch.arange(8), torch.arange(16), torch.arange(8)]).expand(2, -1)
     # the reference: whole sequences, each document attending only to itself (a block-diagonal causal mask)
     mask = (docs[:, :, None] == docs[:, None, :]) & torch.ones(N, N, dtype=torch.bool).tril()
     bias = torch.zeros(2, 1, N, N, dtype=torch.float64).masked_fill(~mask[:, None], float("-inf"))
@@ -106,7 +117,6 @@ def dp_batches():
 
 def _dp_cp(rank, world, group, checkpointing, compiled):
     import scalestack as ss
-    from scalestack.context import checkpoint_blocks
     from scalestack.fsdp.collectives import record_collectives
 
     torch._dynamo.reset()
@@ -144,7 +154,7 @@ def _dp_cp(rank, world, group, checkpointing, compiled):
     return total.item() / world, {k: (initial[k] - full[k]) / 1e4 for k in initial}, attention, len(mlp_calls)
 
 
-@pytest.mark.parametrize("checkpointing, compiled", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("checkpointing, compiled", [(False, False), (True, False), (False, True), (True, True)])
 def test_dp_by_cp_mesh_with_fsdp_matches_one_process(pool, checkpointing, compiled):
     results = pool.run(_dp_cp, 4, checkpointing, compiled)
     model = tiny_llama(torch.float32)
@@ -163,3 +173,25 @@ def test_dp_by_cp_mesh_with_fsdp_matches_one_process(pool, checkpointing, compil
         # per layer and micro-batch: one all-gather forward, one all-gather and one reduce-scatter backward,
         # with or without activation checkpointing (the recomputation reuses the attention's output)
         assert attention == (["all_gather"] * 2 + ["all_gather", "reduce_scatter"] * 2) * 2  # 2 layers, 2 micro
+
+
+def _twice_and_padding(rank, world, group):
+    lm = apply_context_parallel(tiny_llama(), group)
+    checkpoint_blocks(lm.model.layers)
+    ids, labels, docs, positions = batch()
+    local = [shard_sequence(t, world, rank) for t in (ids, labels, positions)]
+    hidden = lm.model(input_ids=local[0], position_ids=local[2]).last_hidden_state
+    loss = global_mean_loss(*chunked_cross_entropy(hidden, lm.lm_head.weight, local[1]), group)
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    loss.backward()  # the checkpointed blocks recompute again, replaying the attention outputs again
+    twice = {n: p.grad for n, p in lm.named_parameters()}
+    padded = torch.ones_like(local[0])
+    padded[0, -1] = 0
+    with pytest.raises(ValueError, match="no attention_mask with padding"):
+        lm.model(input_ids=local[0], position_ids=local[2], attention_mask=padded)
+    return all(torch.allclose(twice[n], 2 * once[n], rtol=1e-12, atol=1e-15) for n in once)
+
+
+def test_a_second_backward_recomputes_again_and_padding_masks_are_refused(pool):
+    assert all(pool.run(_twice_and_padding, 2))

@@ -4,7 +4,9 @@ trainer's Llama sizes, which are Hugging Face Llamas) run its attention context-
 
 It registers our attention as a Transformers attention implementation and switches the model to it; the
 model then takes this rank's shard of ``input_ids`` and ``position_ids`` (global positions, so RoPE is right)
-and, for packed sequences, ``cp_document_ids`` (the whole sequence's document ids) as a keyword.
+and, for packed sequences, ``cp_document_ids`` (the whole sequence's document ids) and ``cp_layout`` (when the
+shards follow ``document_head_tail_layout``) as keywords. Padding is a document of its own, with ignored
+labels: an ``attention_mask`` with zeros is refused, since Transformers builds none for this attention.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if getattr(module, "sliding_window", None):
         raise ValueError("sliding-window attention is not supported under context parallelism")
     out, _ = context_parallel_attention(query, key, value, group, causal=getattr(module, "is_causal", True),
-                                        document_ids=kwargs.get("cp_document_ids"), scale=scaling)  # fmt: skip
+                                        document_ids=kwargs.get("cp_document_ids"), scale=scaling,
+                                        layout=kwargs.get("cp_layout"))  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_padding_masks(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+        raise ValueError(
+            "context-parallel attention takes no attention_mask with padding: pack the padding as its "
+            "own document (cp_document_ids = document_ids(cu_seqlens, N)) with ignored labels"
+        )
 
 
 def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
@@ -51,5 +63,8 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
     for m in attention_modules:
         m._context_parallel_group = group
     model.set_attn_implementation(IMPLEMENTATION)
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.register_forward_pre_hook(_refuse_padding_masks, with_kwargs=True)
     model.config.use_cache = False  # training: a KV cache would also grow again under checkpoint recomputation
     return model
