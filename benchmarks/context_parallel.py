@@ -8,7 +8,7 @@ sharding spreads the causal attention work, and the bytes each layer communicate
    and the step's peak above its start is the rank's working memory. Two lengths give its growth per token; the
    longest sequence within the budget follows, and is then run to check it fits.
 2. Balance. Each rank's share of causal attention (forward and backward of its queries against the keys
-   they see), timed one rank after another on one core: head-tail chunks against contiguous ones.
+   they see), timed one rank after another on one core (the fastest of three): head-tail against contiguous.
 3. Bytes. The collectives one layer issues (forward and backward), counted, against 6 N h_kv (P - 1) / P.
 """
 
@@ -125,18 +125,25 @@ def balance(n: int, world: int) -> dict[str, list[float]]:
         "head-tail": [[(r * c, (r + 1) * c), ((2 * world - 1 - r) * c, (2 * world - r) * c)] for r in range(world)],
         "contiguous": [[(r * 2 * c, (r + 1) * 2 * c)] for r in range(world)],
     }
+
+    def work(chunks: list[tuple[int, int]]) -> None:
+        for lo, hi in chunks:
+            mask = (torch.arange(hi)[None] <= torch.arange(lo, hi)[:, None])[None]
+            o, lse = attention_forward(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask, d**-0.5)
+            keys = k[:, :, :hi], v[:, :, :hi]
+            attention_backward(q[:, :, lo:hi], *keys, o, lse, torch.ones_like(o), mask, d**-0.5)
+
+    work(layouts["head-tail"][0])  # warm-up: first-call allocations are nobody's share
     out = {}
     for name, ranks in layouts.items():
         times = []
         for chunks in ranks:
-            t0 = time.perf_counter()
-            for lo, hi in chunks:
-                mask = (torch.arange(hi)[None] <= torch.arange(lo, hi)[:, None])[None]
-                o, lse = attention_forward(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask, d**-0.5)
-                attention_backward(
-                    q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], o, lse, torch.ones_like(o), mask, d**-0.5
-                )
-            times.append(time.perf_counter() - t0)
+            best = float("inf")
+            for _ in range(3):  # the fastest of three: a shared machine's noise only adds
+                t0 = time.perf_counter()
+                work(chunks)
+                best = min(best, time.perf_counter() - t0)
+            times.append(best)
         out[name] = times
     return out
 
