@@ -39,5 +39,11 @@ def run(args: argparse.Namespace) -> int:
                    f"--max-restarts={args.max_restarts}",
                    "-m", "scalestack.cli.main", "train", args.config, *args.overrides]  # fmt: skip
         return subprocess.call(command)
-    train(config)
+    import torch.distributed as dist
+
+    try:
+        train(config)
+    finally:  # a clean shutdown: a rank that exits with gloo's threads still running can abort
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
