@@ -71,13 +71,7 @@ def run_train(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    "-m", "scalestack.cli.main", *_rank_command(args)]  # fmt: skip
         return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    import torch.distributed as dist
-
-    try:
-        train_dit(config)
-    finally:  # a clean shutdown: a rank that exits with gloo's threads still running can abort
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    train_dit(config)
     return 0
 
 

@@ -39,11 +39,5 @@ def run(args: argparse.Namespace) -> int:
                    f"--max-restarts={args.max_restarts}",
                    "-m", "scalestack.cli.main", "train", args.config, *args.overrides]  # fmt: skip
         return subprocess.call(command)
-    import torch.distributed as dist
-
-    try:
-        train(config)
-    finally:  # a clean shutdown: a rank that exits with gloo's threads still running can abort
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    train(config)
     return 0
