@@ -1,12 +1,14 @@
 """Context parallelism on this machine: how the longest trainable sequence grows with P, how evenly head-tail
 sharding spreads the causal attention work, and the bytes each layer communicates against the formula.
 
-    python benchmarks/context_parallel.py [--budget-mib 80] [--lengths 4096,8192]
+    python benchmarks/context_parallel.py [--budget-mib 64] [--unit 1024]
 
 1. Memory. A Llama (Hugging Face, GQA, activation checkpointing that keeps attention outputs, chunked loss)
    runs one training step on P = 1, 2, 4 gloo ranks; a thread samples each rank's bytes allocated by malloc,
-   and the step's peak above its start is the rank's working memory. Two lengths give its growth per token; the
-   longest sequence within the budget follows, and is then run to check it fits.
+   and the step's peak above its start is the rank's working memory. The longest sequence whose step stays
+   within the budget on every rank is searched for (doubling, then bisection, in multiples of ``--unit``),
+   every probe a real step: the peak is the largest of several phases (attention blocks, a layer's
+   recomputed activations), so it is measured, never extrapolated.
 2. Balance. Each rank's share of causal attention (forward and backward of its queries against the keys
    they see), timed one rank after another on one core (the fastest of three): head-tail against contiguous.
 3. Bytes. The collectives one layer issues (forward and backward), counted, against 6 N h_kv (P - 1) / P.
@@ -150,34 +152,41 @@ def balance(n: int, world: int) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-mib", type=float, default=80.0)
-    p.add_argument("--lengths", default="4096,8192", help="two sequence lengths to measure growth per token")
+    p.add_argument("--budget-mib", type=float, default=64.0)
+    p.add_argument("--unit", type=int, default=1024, help="sequence lengths searched in multiples of this")
     p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--balance-length", type=int, default=8192)
     args = p.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
     worlds = [int(x) for x in args.worlds.split(",")]
+    if args.unit % (2 * max(worlds)):
+        p.error(f"--unit must be a multiple of 2 x {max(worlds)} (every rank holds two equal chunks)")
     print(f"Llama {LAYERS} x {HIDDEN}, {HEADS} heads / {KV_HEADS} KV heads, fp32, checkpointing keeping attention "
           f"outputs, chunked loss; per-rank memory = peak malloc bytes above the step's start")  # fmt: skip
     print(f"\n{'P':>3}{'N':>8}{'peak MiB (max over ranks)':>28}{'step s':>9}")
     fits = {}
     for world in worlds:
-        peaks = []
-        for n in lengths:
-            results = run_step(world, n)
-            peaks.append(max(r[0] for r in results))
-            print(f"{world:>3}{n:>8}{peaks[-1]:>28.1f}{max(r[1] for r in results):>9.1f}", flush=True)
-        slope = (peaks[1] - peaks[0]) / (lengths[1] - lengths[0])
-        base = peaks[0] - slope * lengths[0]
-        unit = 2 * world * 256
-        n_max = int((args.budget_mib - base) / slope) // unit * unit
-        check = max(r[0] for r in run_step(world, n_max))
-        fits[world] = (n_max, check)
-        print(f"{world:>3}{n_max:>8}{check:>28.1f}   <- longest within {args.budget_mib:.0f} MiB "
-              f"({slope * 1024:.2f} MiB per 1k tokens)", flush=True)  # fmt: skip
-    print("\nlongest sequence within the budget: " + ", ".join(
-        f"P={w}: {n:,} ({n / fits[worlds[0]][0]:.2f}x)" for w, (n, _) in fits.items()))  # fmt: skip
+        unit = args.unit
+        probes: dict[int, float] = {}
 
-    n, world = lengths[-1], 4
+        def peak(n: int, world: int = world, probes: dict = probes) -> float:
+            results = run_step(world, n)
+            probes[n] = max(r[0] for r in results)
+            print(f"{world:>3}{n:>8}{probes[n]:>28.1f}{max(r[1] for r in results):>9.1f}", flush=True)
+            return probes[n]
+
+        lo, hi = 0, unit
+        while peak(hi) <= args.budget_mib:  # doubling until a step exceeds the budget
+            lo, hi = hi, 2 * hi
+        while hi - lo > unit:  # then bisection
+            mid = (lo + hi) // 2 // unit * unit
+            lo, hi = (mid, hi) if peak(mid) <= args.budget_mib else (lo, mid)
+        fits[world] = lo
+        print(f"{world:>3}{lo:>8}{probes.get(lo, float('nan')):>28.1f}   <- longest within {args.budget_mib:.0f} MiB "
+              f"(the next {unit} tokens exceed it)", flush=True)  # fmt: skip
+    print("\nlongest sequence within the budget: " + ", ".join(
+        f"P={w}: {n:,} ({n / fits[worlds[0]]:.2f}x)" for w, n in fits.items()))  # fmt: skip
+
+    n, world = args.balance_length, 4
     spread = balance(n, world)
     print(f"\nper-rank causal attention, N={n}, P={world} (fwd+bwd seconds per rank; max/min):")
     for name, times in spread.items():
@@ -185,7 +194,7 @@ def main() -> None:
 
     print("\nbytes per layer (fp32), measured against 6 N h_kv (P - 1) / P x 4 bytes (received per rank):")
     for world in worlds[1:]:
-        n = lengths[0]
+        n = 4096
         log = run_step(world, n)[0][2]
         gathers = [e for kind, e in log if kind == "all_gather"]
         scatters = [e for kind, e in log if kind == "reduce_scatter"]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import scalestack as ss
 from scalestack.models.gpt import GPT, GPTConfig
+from scalestack.train import end_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "public_domain.txt"
 
@@ -107,7 +108,7 @@ def main() -> None:
     prompt = [stoi[c] for c in "To be" if c in stoi] or [0]
     sample = generate(model, prompt, 200, cfg.block_size)
     log("sample: " + repr("".join(chars[i] for i in sample)))
-    dist.destroy_process_group()
+    end_worker()  # every rank: a barrier, then exit without the interpreter's teardown (see its docstring)
 
 
 def report_memory(model: torch.nn.Module, n_params: int, rank: int, world: int) -> None:

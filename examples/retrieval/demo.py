@@ -22,6 +22,7 @@ from task import RetrievalTask, write_task_files
 import scalestack as ss
 from scalestack.decode.retriever import Retriever, save_retriever
 from scalestack.models.gpt import GPT, GPTConfig
+from scalestack.train import end_worker
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
         save_retriever(path, state, cfg, task.vocab, task.token_map, task.query_len)
         print(f"checkpoint: {path} ({world} ranks trained it with scalestack FSDP)")
         evaluate(Retriever(path), task, args.out, args.beams)
-    dist.destroy_process_group()
+    end_worker()  # every rank: a barrier, then exit without the interpreter's teardown (see its docstring)
 
 
 def evaluate(retriever: Retriever, task: RetrievalTask, out: Path, beams: int) -> dict[str, float]:

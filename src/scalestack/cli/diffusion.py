@@ -72,6 +72,10 @@ def run_train(args: argparse.Namespace) -> int:
                    "-m", "scalestack.cli.main", *_rank_command(args)]  # fmt: skip
         return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     train_dit(config)
+    if "RANK" in os.environ:  # a torchrun worker
+        from ..train.shutdown import end_worker
+
+        end_worker()
     return 0
 
 

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.config import check_world, load_config
+    from ..train.shutdown import end_worker
     from ..train.trainer import preflight, train
 
     if args.max_restarts and args.nproc is None:
@@ -40,4 +41,6 @@ def run(args: argparse.Namespace) -> int:
                    "-m", "scalestack.cli.main", "train", args.config, *args.overrides]  # fmt: skip
         return subprocess.call(command)
     train(config)
+    if "RANK" in os.environ:  # a torchrun worker
+        end_worker()
     return 0

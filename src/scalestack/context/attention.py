@@ -1,16 +1,22 @@
 """Attention over a sequence sharded head-tail across a context-parallel group: all-gather K/V (Llama 3's
 design), with its own backward.
 
-Forward: one all-gather of this rank's K and V (the KV heads, never the repeated query heads), then each of
-the rank's two query chunks attends to the key prefix it can see (under a causal mask, keys up to the chunk's
-end; all keys otherwise), masked by global positions and document ids. Only the local Q, K, V, the output and
-the log-sum-exp are saved. Backward: the same all-gather again, the local kernel's backward per chunk, and
-one reduce-scatter that sums every rank's part of dK/dV onto the ranks that own those keys.
+Forward: one all-gather of this rank's K and V (the KV heads, never the repeated query heads). The gathered
+buffer stays as it arrives, rank by rank: every run of positions a rank holds is one contiguous *segment* of
+keys in it, so nothing is copied into global order. Each of the rank's query runs attends to the segments it
+can see (under a causal mask, keys up to the run's end; before its first document, none), one kernel call per
+segment, and the partial outputs merge by their log-sum-exp in fp32 (flash attention's merge). Only the
+local Q, K, V, the output and the log-sum-exp are saved. Backward: the same all-gather again, the kernel's
+backward per (query run, segment), dK/dV added straight into the reduce-scatter's input (laid out like the
+gathered buffer), and one reduce-scatter that sums every rank's part onto the ranks that own those keys.
+Per rank, the memory that grows with the whole sequence is the gathered K/V and, in backward, its gradient
+buffer: 2 x 2 h_kv values per token of the sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,24 +30,53 @@ from .sharding import Layout, head_tail_layout
 Kernel = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, ...]]]
 
 
-def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, order: torch.Tensor) -> torch.Tensor:
-    """(2, B, Hkv, N, D), a view of (N, 2, B, Hkv, D): every rank's K and V in global order. The shards are
-    sent token-major, so the gathered buffer is already the rank-major sequence and one index_select puts it in
-    global order: two buffers of the gathered size at the peak, one after."""
+@dataclass(frozen=True, order=True)
+class _Segment:
+    """Keys at global positions [start, stop), held by ``rank`` from its local position ``offset``."""
+
+    start: int
+    stop: int
+    rank: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class _QueryRun:
+    """Local query rows ``rows`` (global positions from ``start``) and the key segments they attend to."""
+
+    rows: slice
+    start: int
+    segments: tuple[_Segment, ...]
+
+
+def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(P, 2, B, Hkv, L, D): every rank's K and V as it holds them."""
+    local = torch.stack([k, v])
     p = dist.get_world_size(group)
-    local = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()  # (L, 2, B, H, D)
-    gathered = torch.empty((p * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    gathered = torch.empty((p * 2, *local.shape[1:]), dtype=local.dtype, device=local.device)  # gloo: dim 0
     all_gather(gathered, local, group).wait()
-    return gathered.index_select(0, torch.argsort(order).to(k.device)).permute(1, 2, 3, 0, 4)
+    return gathered.view(p, *local.shape)
 
 
-def _runs(layout: Layout, rank: int, causal: bool, first: torch.Tensor | None) -> list[tuple[slice, int, int, int]]:
-    """(local rows, first global position, first key, end of keys) of each run of the rank's queries: keys
-    before the run's first document (when documents are sorted) or after it (causal) are never seen."""
+def _query_runs(layout: Layout, rank: int, causal: bool, docs: torch.Tensor | None) -> list[_QueryRun]:
+    """The rank's query runs and the key segments each sees: keys before the run's first document (when every
+    row's documents are sorted, as packing makes them) or after its last position (causal) are never seen."""
+    held = sorted(
+        _Segment(start, start + length, r, sum(n for _, n in layout.runs[r][:i]))
+        for r in range(layout.cp_size)
+        for i, (start, length) in enumerate(layout.runs[r])
+    )
+    first = _first_of_document(docs)
     out, local = [], 0
     for start, length in layout.runs[rank]:
         lo = 0 if first is None else int(first[:, start : start + length].min())
-        out.append((slice(local, local + length), start, lo, start + length if causal else layout.n))
+        hi = start + length if causal else layout.n
+        segments = tuple(
+            _Segment(max(s.start, lo), min(s.stop, hi), s.rank, s.offset + max(s.start, lo) - s.start)
+            for s in held
+            if max(s.start, lo) < min(s.stop, hi)
+        )
+        out.append(_QueryRun(slice(local, local + length), start, segments))
         local += length
     return out
 
@@ -53,73 +88,95 @@ def _first_of_document(docs: torch.Tensor | None) -> torch.Tensor | None:
     return torch.stack([torch.searchsorted(row.contiguous(), row.contiguous()) for row in docs])
 
 
-def _mask(start: int, length: int, lo: int, hi: int, causal: bool, docs: torch.Tensor | None) -> Mask:
-    """The run's mask, built one block of query rows at a time (never run length x keys at once)."""
+def _mask(run: _QueryRun, segment: _Segment, causal: bool, docs: torch.Tensor | None) -> Mask:
+    """The (query run, key segment) mask, built one block of query rows at a time (never run x segment at
+    once); None where every key is visible (a segment wholly before the run, without documents)."""
+    causal = causal and segment.stop > run.start
     if not causal and docs is None:
         return None
+    length = run.rows.stop - run.rows.start
 
     def rows_mask(rows: slice) -> torch.Tensor:
-        a, b = start + rows.start, start + min(rows.stop, length)
+        a, b = run.start + rows.start, run.start + min(rows.stop, length)
         device = None if docs is None else docs.device
         mask = None
         if causal:
-            mask = (torch.arange(lo, hi, device=device)[None] <= torch.arange(a, b, device=device)[:, None])[None]
+            keys = torch.arange(segment.start, segment.stop, device=device)
+            mask = (keys[None] <= torch.arange(a, b, device=device)[:, None])[None]
         if docs is not None:
-            same = docs[:, a:b, None] == docs[:, None, lo:hi]
+            same = docs[:, a:b, None] == docs[:, None, segment.start : segment.stop]
             mask = same if mask is None else mask & same
         return mask
 
     return rows_mask
 
 
+def _keys(kv: torch.Tensor, segment: _Segment) -> torch.Tensor:
+    """(2, B, Hkv, length, D): the segment's K and V, a view of the gathered buffer."""
+    return kv[segment.rank, :, :, :, segment.offset : segment.offset + segment.stop - segment.start]
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """out, lse (in place) <- the attention over both key sets, from each one's output and log-sum-exp."""
+    total = torch.logaddexp(lse, part_lse)
+    keep = torch.nan_to_num(torch.exp(lse - total), nan=0.0)[..., None]  # rows that see no key yet: -inf - -inf
+    add = torch.nan_to_num(torch.exp(part_lse - total), nan=0.0)[..., None]
+    out.mul_(keep).add_(part.to(out.dtype) * add)
+    lse.copy_(total)
+
+
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, docs, scale, block, kept, layout, kernel):  # noqa: ANN001
-        rank = dist.get_rank(group)
-        order = layout.order()
-        runs = _runs(layout, rank, causal, _first_of_document(docs))
+        runs = _query_runs(layout, dist.get_rank(group), causal, docs)
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         if kept is not None:  # recomputed under activation checkpointing: the first forward's results
             out, lse = kept
         else:
-            kv = _gather_kv(k, v, group, order)
+            kv = _gather_kv(k, v, group)
             out = torch.empty_like(q)
-            lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                              device=q.device)  # fmt: skip
-            for rows, start, lo, hi in runs:
-                mask = _mask(start, rows.stop - rows.start, lo, hi, causal, docs)
-                keys_kv = kv[:, :, :, lo:hi]
-                out[:, :, rows], lse[:, :, rows] = kernel[0](q[:, :, rows], keys_kv[0], keys_kv[1], mask, scale,
-                                                             block)  # fmt: skip
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=compute, device=q.device)
+            for run in runs:
+                q_run, acc = q[:, :, run.rows], None
+                for segment in run.segments:
+                    keys = _keys(kv, segment)
+                    part, part_lse = kernel[0](q_run, keys[0], keys[1], _mask(run, segment, causal, docs), scale,
+                                               block)  # fmt: skip
+                    if acc is None:
+                        acc, acc_lse = part.to(compute), part_lse.to(compute)
+                    else:
+                        _merge(acc, acc_lse, part, part_lse)
+                if acc is not None:  # a run that sees no key (only under document masks) keeps 0 and -inf
+                    out[:, :, run.rows], lse[:, :, run.rows] = acc, acc_lse
+                else:
+                    out[:, :, run.rows] = 0
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block = group, causal, docs, scale, block
-        ctx.order, ctx.runs, ctx.kernel = order, runs, kernel
+        ctx.runs, ctx.kernel = runs, kernel
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
-        group, p = ctx.group, dist.get_world_size(ctx.group)
-        n = k.shape[2] * p
-        kv = _gather_kv(k, v, group, ctx.order)
-        dq = torch.empty(q.shape, dtype=lse.dtype, device=q.device)
-        dkv = torch.zeros((kv.shape[3], *kv.shape[:3], kv.shape[4]), dtype=lse.dtype, device=q.device)  # token-major
-        dkv_view = dkv.permute(1, 2, 3, 0, 4)
-        for rows, start, lo, hi in ctx.runs:
-            mask = _mask(start, rows.stop - rows.start, lo, hi, ctx.causal, ctx.docs)
-            dq[:, :, rows], dk, dv = ctx.kernel[1](q[:, :, rows], kv[0, :, :, lo:hi], kv[1, :, :, lo:hi],
-                                                   out[:, :, rows], lse[:, :, rows], dout[:, :, rows], mask,
-                                                   ctx.scale, ctx.block)  # fmt: skip
-            dkv_view[0, :, :, lo:hi] += dk
-            dkv_view[1, :, :, lo:hi] += dv
+        kv = _gather_kv(k, v, ctx.group)
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=lse.dtype, device=q.device)  # the reduce-scatter's input, rank-major
+        for run in ctx.runs:
+            rows = run.rows
+            for segment in run.segments:
+                keys = _keys(kv, segment)
+                dq_part, dk, dv = ctx.kernel[1](q[:, :, rows], keys[0], keys[1], out[:, :, rows], lse[:, :, rows],
+                                                dout[:, :, rows], _mask(run, segment, ctx.causal, ctx.docs),
+                                                ctx.scale, ctx.block)  # fmt: skip
+                dq[:, :, rows] += dq_part
+                grads = _keys(dkv, segment)
+                grads[0] += dk
+                grads[1] += dv
         del kv
-        send = dkv.index_select(0, ctx.order.to(q.device))  # rank-major, each rank's tokens contiguous
-        del dkv, dkv_view
-        mine = torch.empty((n // p, *send.shape[1:]), dtype=send.dtype, device=send.device)
-        reduce_scatter_sum(mine, send, group)  # in fp32: dK/dV sums over every rank's queries
-        mine = mine.permute(1, 2, 3, 0, 4)
-        grads = dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
-        return *grads, None, None, None, None, None, None, None, None
+        mine = torch.empty(dkv.shape[1:], dtype=dkv.dtype, device=dkv.device)
+        reduce_scatter_sum(mine, dkv.flatten(0, 1), ctx.group)  # in fp32: dK/dV sums over every rank's queries
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None, None, None, None
 
 
 @torch._dynamo.disable  # collectives inside a custom backward: compiled models call it eagerly (a graph break)

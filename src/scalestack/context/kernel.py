@@ -39,9 +39,9 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _scores(qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k).mul_(scale)  # in place: one block of scores alive, not three
     if mask is not None:
-        s = s.masked_fill(~mask[:, None, None], float("-inf"))
+        s.masked_fill_(~mask[:, None, None], float("-inf"))
     return s
 
 
@@ -52,8 +52,8 @@ def _rows_of(mask: Mask, rows: slice) -> torch.Tensor | None:
 
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    p = torch.exp(s - lse[..., None])
-    return torch.nan_to_num(p, nan=0.0)  # rows that see no key: -inf - (-inf)
+    """exp(s - lse), in s's memory."""
+    return s.sub_(lse[..., None]).exp_().nan_to_num_(nan=0.0)  # rows that see no key: -inf - (-inf)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float,
@@ -95,7 +95,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         dv += torch.einsum("bhgqk,bhgqd->bhkd", p, do)
         dp = torch.einsum("bhgqd,bhkd->bhgqk", do, v)
         delta = (do * og[:, :, :, rows]).sum(-1, keepdim=True)
-        ds = p * (dp - delta) * scale
+        ds = dp.sub_(delta).mul_(p).mul_(scale)
         dq[:, :, :, rows] = torch.einsum("bhgqk,bhkd->bhgqd", ds, k)
         dk += torch.einsum("bhgqk,bhgqd->bhkd", ds, qg[:, :, :, rows])
     return dq.reshape(q.shape), dk, dv
