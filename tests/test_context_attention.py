@@ -8,6 +8,9 @@ import torch
 from dist_pool import DistPool
 
 from scalestack.context import (
+    FLASH,
+    MATMUL,
+    SegmentMask,
     context_parallel_attention,
     document_head_tail_layout,
     document_ids,
@@ -56,7 +59,7 @@ def case(dtype, n=24, heads=4, kv_heads=2, docs=True, batch=2, seed=0):
     return q, k, v, dout, ids
 
 
-def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None, block=None):
+def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None, block=None, kernel="matmul"):
     q, k, v, dout, ids = case(dtype, n=n, kv_heads=kv_heads, docs=docs)
     layout = None
     if cu is not None:  # one document layout for the whole batch: both rows packed alike
@@ -64,8 +67,9 @@ def _run(rank, world, group, dtype, causal, docs, kv_heads, n, cu=None, block=No
         ids = document_ids(torch.tensor(cu), n)
     local = [shard_sequence(t, world, rank, dim=2, layout=layout).requires_grad_() for t in (q, k, v)]
     with record_collectives() as log:
+        kernel = {"flash": FLASH, "matmul": MATMUL}[kernel]
         out, lse = context_parallel_attention(*local, group, causal=causal, document_ids=ids, layout=layout,
-                                              block=block)  # fmt: skip
+                                              block=block, kernel=kernel)  # fmt: skip
         forward_log = list(log)
         out.backward(shard_sequence(dout, world, rank, dim=2, layout=layout))
     return out.detach(), lse, [t.grad for t in local], [c.kind for c in forward_log], [c.kind for c in log]
@@ -87,6 +91,36 @@ def test_matches_full_attention_in_fp64(pool, world):
         # one all-gather forward; the backward adds one all-gather and one reduce-scatter
         assert results[0][3] == ["all_gather"]
         assert results[0][4] == ["all_gather", "all_gather", "reduce_scatter"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_kernel_matches_full_attention(pool, dtype):
+    """torch's CPU flash kernel as the local step: the diagonal chunks causal, the rest unmasked; document
+    masks fall back to the matmul kernel inside the same call."""
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    for world in (2, 3):
+        for causal, docs, kv_heads in ((True, False, 2), (False, False, 1), (True, True, 4)):
+            n = 12 * world
+            results = pool.run(_run, world, dtype, causal, docs, kv_heads, n, None, None, "flash")
+            q, k, v, dout, ids = case(dtype, n=n, kv_heads=kv_heads, docs=docs)
+            q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+            out, lse = reference(q, k, v, causal, ids)
+            out.backward(dout)
+            torch.testing.assert_close(unshard([r[0] for r in results], dim=2), out.detach(), **tol)
+            torch.testing.assert_close(unshard([r[1] for r in results], dim=2), lse.detach(), **tol)
+            for j, t in enumerate((q, k, v)):
+                torch.testing.assert_close(unshard([r[2][j] for r in results], dim=2), t.grad, **tol)
+
+
+def test_flash_kernel_takes_the_masks_it_can():
+    from scalestack.context.flash import _flash_causal
+
+    q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16)
+    assert _flash_causal(q, k, None) is False  # a segment wholly before the queries
+    assert _flash_causal(q, k, SegmentMask(16, 16, 24, causal=True)) is True  # the queries' own chunk
+    assert _flash_causal(q, k[:, :, :4], SegmentMask(16, 16, 20, causal=True)) is None  # not square
+    assert _flash_causal(q, k, SegmentMask(16, 8, 16, causal=True)) is None  # another offset
+    assert _flash_causal(q, k, SegmentMask(16, 16, 24, True, torch.zeros(1, 32, dtype=torch.long))) is None
 
 
 def test_matches_full_attention_in_fp32(pool):

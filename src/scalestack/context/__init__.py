@@ -4,7 +4,8 @@ with its own backward, and the plumbing that shards ids, labels and positions th
 from .apply import apply_context_parallel
 from .attention import context_parallel_attention
 from .checkpointing import checkpoint_blocks, checkpoint_keeping_attention
-from .kernel import attention_backward, attention_forward
+from .flash import FLASH, flash_backward, flash_forward
+from .kernel import MATMUL, SegmentMask, attention_backward, attention_forward
 from .loss import chunked_cross_entropy, global_mean_loss
 from .sharding import (
     Layout,
@@ -19,8 +20,8 @@ from .sharding import (
 )
 
 __all__ = [
-    "Layout", "apply_context_parallel", "attention_backward", "attention_forward", "checkpoint_blocks",
-    "checkpoint_keeping_attention", "chunked_cross_entropy", "context_parallel_attention",
-    "document_head_tail_layout", "document_ids", "global_mean_loss", "head_tail_layout", "pad_to_multiple",
-    "shard_sequence", "unshard", "zigzag_order", "zigzag_positions",
+    "FLASH", "MATMUL", "Layout", "SegmentMask", "apply_context_parallel", "attention_backward", "attention_forward",
+    "checkpoint_blocks", "checkpoint_keeping_attention", "chunked_cross_entropy", "context_parallel_attention",
+    "document_head_tail_layout", "document_ids", "flash_backward", "flash_forward", "global_mean_loss",
+    "head_tail_layout", "pad_to_multiple", "shard_sequence", "unshard", "zigzag_order", "zigzag_positions",
 ]  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.distributed import ProcessGroup
 
-from .attention import context_parallel_attention
+from .attention import Kernel, context_parallel_attention
 
 IMPLEMENTATION = "scalestack_context_parallel"
 
@@ -35,7 +35,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         raise ValueError("sliding-window attention is not supported under context parallelism")
     out, _ = context_parallel_attention(query, key, value, group, causal=getattr(module, "is_causal", True),
                                         document_ids=kwargs.get("cp_document_ids"), scale=scaling,
-                                        layout=kwargs.get("cp_layout"))  # fmt: skip
+                                        layout=kwargs.get("cp_layout"),
+                                        kernel=getattr(module, "_context_parallel_kernel", None))  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -48,8 +49,9 @@ def _refuse_padding_masks(module: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
-def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
-    """Switch ``model`` (a Transformers model) to context-parallel attention over ``group``; returns it."""
+def apply_context_parallel(model: nn.Module, group: ProcessGroup, *, kernel: Kernel | None = None) -> nn.Module:
+    """Switch ``model`` (a Transformers model) to context-parallel attention over ``group``; returns it.
+    ``kernel``: the local attention step (``context_parallel_attention``'s default: ``FLASH``)."""
     try:
         from transformers import AttentionInterface, PreTrainedModel
     except ImportError:
@@ -62,6 +64,7 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:
         raise ValueError(f"no attention module found in {type(model).__name__}")
     for m in attention_modules:
         m._context_parallel_group = group
+        m._context_parallel_kernel = kernel
     model.set_attn_implementation(IMPLEMENTATION)
     for m in model.modules():
         if isinstance(m, PreTrainedModel):

@@ -24,7 +24,8 @@ from torch.distributed import ProcessGroup
 
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
 from .checkpointing import stash_mode
-from .kernel import Mask, attention_backward, attention_forward
+from .flash import FLASH
+from .kernel import SegmentMask
 from .sharding import Layout, head_tail_layout
 
 Kernel = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, ...]]]
@@ -88,27 +89,13 @@ def _first_of_document(docs: torch.Tensor | None) -> torch.Tensor | None:
     return torch.stack([torch.searchsorted(row.contiguous(), row.contiguous()) for row in docs])
 
 
-def _mask(run: _QueryRun, segment: _Segment, causal: bool, docs: torch.Tensor | None) -> Mask:
-    """The (query run, key segment) mask, built one block of query rows at a time (never run x segment at
-    once); None where every key is visible (a segment wholly before the run, without documents)."""
+def _mask(run: _QueryRun, segment: _Segment, causal: bool, docs: torch.Tensor | None) -> SegmentMask | None:
+    """The (query run, key segment) mask; None where every key is visible (a segment wholly before the run,
+    without documents)."""
     causal = causal and segment.stop > run.start
     if not causal and docs is None:
         return None
-    length = run.rows.stop - run.rows.start
-
-    def rows_mask(rows: slice) -> torch.Tensor:
-        a, b = run.start + rows.start, run.start + min(rows.stop, length)
-        device = None if docs is None else docs.device
-        mask = None
-        if causal:
-            keys = torch.arange(segment.start, segment.stop, device=device)
-            mask = (keys[None] <= torch.arange(a, b, device=device)[:, None])[None]
-        if docs is not None:
-            same = docs[:, a:b, None] == docs[:, None, segment.start : segment.stop]
-            mask = same if mask is None else mask & same
-        return mask
-
-    return rows_mask
+    return SegmentMask(run.start, segment.start, segment.stop, causal, docs)
 
 
 def _keys(kv: torch.Tensor, segment: _Segment) -> torch.Tensor:
@@ -191,8 +178,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (padded) sequence's ids, (N,) or (B, N), the same on every rank (``document_ids(cu_seqlens, N)``): a
     query sees only keys of its own document. scale: default 1/sqrt(D). layout: how the sequence is sharded
     (default ``head_tail_layout``). kernel: the local step, a pair (forward(q, k, v, mask, scale, block) ->
-    (out, lse); backward(q, k, v, out, lse, dout, mask, scale, block) -> (dq, dk, dv)), default the matmul
-    kernel of ``kernel.py``; ``mask`` is None or a function of a slice of query rows."""
+    (out, lse); backward(q, k, v, out, lse, dout, mask, scale, block) -> (dq, dk, dv)); ``mask`` is None, a
+    bool tensor or a ``SegmentMask``. Default ``FLASH``: torch's fused flash kernel (CPU, or CUDA in bf16/fp16)
+    where the mask allows, else the fp32 matmul kernel of ``kernel.py`` (``MATMUL``)."""
     group = group if group is not None else dist.group.WORLD
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:1] + q.shape[2:] != k.shape[:1] + k.shape[2:]:
         raise ValueError(f"need q (B, Hq, L, D) and k, v (B, Hkv, L, D) of one B, L and D, got {tuple(q.shape)}, "
@@ -218,7 +206,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if kept is not None and (kept[0].shape != q.shape or kept[0].dtype != q.dtype or kept[0].device != q.device):
         raise RuntimeError("activation checkpointing replayed an attention output of another shape: the block "
                            "must call its attentions in the same order when recomputed")  # fmt: skip
-    kernel = kernel or (attention_forward, attention_backward)
+    kernel = kernel or FLASH
     out, lse = _AllGatherKVAttention.apply(q, k, v, group, causal, docs, scale, block, kept, layout, kernel)
     if mode == "record":
         stash.append((out.detach(), lse))

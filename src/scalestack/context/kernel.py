@@ -4,19 +4,44 @@ backward from the saved log-sum-exp (flash attention's recurrences, in plain mat
 Computed in fp32 (fp64 for fp64 inputs) on any device, in blocks of query rows so a block's scores hold at
 most ``SCORE_ELEMENTS`` values (or ``block`` rows), whatever the sequence length. Grouped-query attention runs
 on the KV heads as they are: queries are viewed as (kv_heads, group) and never repeated. ``mask`` is a bool
-(B or 1, Lq, Lk), True where a query sees a key, or a function of a slice of query rows that builds that
-block's rows only (so no mask of Lq x Lk ever exists); a row that sees nothing gets output 0 and
-log-sum-exp -inf.
-On GPU, flash / FlexAttention kernels that return the log-sum-exp take this place.
+(B or 1, Lq, Lk), True where a query sees a key, or a ``SegmentMask`` (causal and document rules in global
+positions) that builds one block of rows at a time (so no mask of Lq x Lk ever exists); a row that sees
+nothing gets output 0 and log-sum-exp -inf. ``flash.py`` puts torch's fused kernels in this place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-Mask = torch.Tensor | Callable[[slice], torch.Tensor | None] | None
+
+@dataclass(frozen=True)
+class SegmentMask:
+    """Queries from global position ``query_start`` against keys at [key_start, key_stop): a query sees a key
+    at or before it (when ``causal``) of its own document (when ``documents``, (B, N) ids, is given)."""
+
+    query_start: int
+    key_start: int
+    key_stop: int
+    causal: bool
+    documents: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """(B or 1, rows, keys) bool for the query rows ``rows`` (local to the query block)."""
+        a, b = self.query_start + rows.start, self.query_start + rows.stop
+        device = None if self.documents is None else self.documents.device
+        mask = torch.ones(1, b - a, self.key_stop - self.key_start, dtype=torch.bool, device=device)
+        if self.causal:
+            keys = torch.arange(self.key_start, self.key_stop, device=device)
+            mask = (keys[None] <= torch.arange(a, b, device=device)[:, None])[None]
+        if self.documents is not None:
+            docs = self.documents
+            mask = mask & (docs[:, a:b, None] == docs[:, None, self.key_start : self.key_stop])
+        return mask
+
+
+Mask = torch.Tensor | SegmentMask | None
 
 SCORE_ELEMENTS = 2**21  # 8 MiB of fp32 scores per block
 
@@ -48,7 +73,7 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale:
 def _rows_of(mask: Mask, rows: slice) -> torch.Tensor | None:
     if mask is None:
         return None
-    return mask(rows) if callable(mask) else mask[:, rows]
+    return mask.rows(rows) if isinstance(mask, SegmentMask) else mask[:, rows]
 
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -99,3 +124,6 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         dq[:, :, :, rows] = torch.einsum("bhgqk,bhkd->bhgqd", ds, k)
         dk += torch.einsum("bhgqk,bhgqd->bhkd", ds, qg[:, :, :, rows])
     return dq.reshape(q.shape), dk, dv
+
+
+MATMUL = (attention_forward, attention_backward)
