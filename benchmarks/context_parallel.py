@@ -192,7 +192,10 @@ def main() -> None:
     for name, times in spread.items():
         print(f"  {name:<11}" + " ".join(f"{t:6.2f}" for t in times) + f"   max/min {max(times) / min(times):.2f}")
 
-    print("\nbytes per layer (fp32), measured against 6 N h_kv (P - 1) / P x 4 bytes (received per rank):")
+    print(
+        "\nbytes per layer (fp32), counted at the collectives, against 6 N h_kv (P - 1) / P x 4 bytes "
+        "(received per rank):"
+    )
     for world in worlds[1:]:
         n = 4096
         log = run_step(world, n)[0][2]

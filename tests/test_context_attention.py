@@ -10,10 +10,12 @@ from dist_pool import DistPool
 from scalestack.context import (
     FLASH,
     MATMUL,
+    Layout,
     SegmentMask,
     context_parallel_attention,
     document_head_tail_layout,
     document_ids,
+    head_tail_layout,
     pad_to_multiple,
     shard_sequence,
     unshard,
@@ -123,8 +125,9 @@ def test_flash_kernel_takes_the_masks_it_can():
     assert _flash_causal(q, k, SegmentMask(16, 16, 24, True, torch.zeros(1, 32, dtype=torch.long))) is None
 
 
-def test_matches_full_attention_in_fp32(pool):
-    world, n = 4, 64
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_matches_full_attention_in_fp32(pool, world):
+    n = 16 * world
     results = pool.run(_run, world, torch.float32, True, True, 2, n)
     q, k, v, dout, ids = case(torch.float32, n=n, kv_heads=2, docs=True)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -179,3 +182,81 @@ def test_the_document_layout_matches_full_attention_and_balances_every_document(
         torch.testing.assert_close(unshard([r[1] for r in results], dim=2, layout=layout), lse.detach(), **tol)
         for j, t in enumerate((q, k, v)):
             torch.testing.assert_close(unshard([r[2][j] for r in results], dim=2, layout=layout), t.grad, **tol)
+
+
+def _bf16_errors(rank, world, group):
+    """Max |error| against fp32 full attention of our bf16 sharded attention (FLASH) and of bf16 SDPA."""
+    import torch.nn.functional as F
+
+    q, k, v, dout, _ = case(torch.float32, n=64, kv_heads=2, docs=False, batch=1)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*full, is_causal=True, enable_gqa=True)
+    out.backward(dout)
+    wanted = [out.detach()] + [t.grad for t in full]
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out_h = F.scaled_dot_product_attention(*half, is_causal=True, enable_gqa=True)
+    out_h.backward(dout.bfloat16())
+    sdpa = [out_h.detach()] + [t.grad for t in half]
+    local = [shard_sequence(t.bfloat16(), world, rank, dim=2).requires_grad_() for t in (q, k, v)]
+    mine, _ = context_parallel_attention(*local, group)
+    mine.backward(shard_sequence(dout.bfloat16(), world, rank, dim=2))
+    ours = [mine.detach()] + [t.grad for t in local]
+    return [(shard_sequence(w, world, rank, dim=2), o.float(), shard_sequence(x.float(), world, rank, dim=2))
+            for w, o, x in zip(wanted, ours, sdpa)]  # fmt: skip
+
+
+def test_bf16_error_is_within_twice_sdpa_own(pool):
+    """The flash attention tests' criterion: against fp32, no worse than twice bf16 SDPA's own error."""
+    for rank_rows in zip(*pool.run(_bf16_errors, 2)):
+        wanted, ours, sdpa = (torch.cat([r[i] for r in rank_rows]) for i in range(3))
+        ours_error, sdpa_error = (ours - wanted).abs().max(), (sdpa - wanted).abs().max()
+        assert ours_error <= 2 * sdpa_error + 1e-3, (ours_error, sdpa_error)
+
+
+def _bad_inputs(rank, world, group):
+    q, k, v, _, _ = case(torch.float32, n=8, kv_heads=2, docs=False, batch=1)
+    local = [shard_sequence(t, world, rank, dim=2) for t in (q, k, v)]
+    messages = []
+    for kwargs, args in (
+        ({}, (local[0], local[1].double(), local[2])),
+        ({}, (local[0].long(), local[1].long(), local[2].long())),
+        ({"block": 0}, local),
+        ({"document_ids": torch.zeros(8, dtype=torch.bool)}, local),
+        ({"layout": head_tail_layout(16, 2)}, local),
+    ):
+        try:
+            context_parallel_attention(*args, group, **kwargs)
+        except (TypeError, ValueError) as e:
+            messages.append(str(e))
+    nan_q = local[0].clone()
+    nan_q[0, 0, 1] = float("nan")  # a NaN must come out as NaN, never as a quiet 0
+    out, _ = context_parallel_attention(nan_q, local[1], local[2], group)
+    return messages, bool(out[0, 0, 1].isnan().all()), bool(out[0, 0, 0].isfinite().all())
+
+
+def test_bad_inputs_are_named_and_nan_propagates(pool):
+    for messages, nan_row, clean_row in pool.run(_bad_inputs, 2):
+        assert len(messages) == 5, messages
+        assert "one floating dtype" in messages[0] and "one floating dtype" in messages[1]
+        assert "block" in messages[2] and "integer ids" in messages[3] and "the layout is for 16" in messages[4]
+        assert nan_row and clean_row
+    with pytest.raises(ValueError, match="exactly once"):
+        Layout(8, (((0, 4), (0, 4)),))
+    with pytest.raises(ValueError, match="same number of positions"):
+        Layout(8, (((0, 2),), ((2, 6),)))
+    with pytest.raises(ValueError, match="size >= 1"):
+        document_head_tail_layout(torch.tensor([0, 8]), 8, 0)
+
+
+def test_the_cuda_flash_calls_take_their_arguments():
+    """The CUDA branch of FLASH on meta tensors (no GPU here): the fused ops accept the arguments, shapes and
+    dtypes come out right, and dK/dV are summed over each group of query heads in fp32."""
+    from scalestack.context.flash import flash_backward, flash_forward
+
+    q = torch.empty(1, 4, 8, 16, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 2, 8, 16, device="meta", dtype=torch.bfloat16)
+    mask = SegmentMask(0, 0, 8, causal=True)
+    out, lse = flash_forward(q, k, k, mask, 0.25)
+    assert out.shape == q.shape and lse.shape == (1, 4, 8) and lse.dtype == torch.float32
+    dq, dk, dv = flash_backward(q, k, k, out, lse, out, mask, 0.25)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.float32

@@ -190,8 +190,16 @@ def _twice_and_padding(rank, world, group):
     padded[0, -1] = 0
     with pytest.raises(ValueError, match="no attention_mask with padding"):
         lm.model(input_ids=local[0], position_ids=local[2], attention_mask=padded)
+    with pytest.raises(ValueError, match="no attention_mask with padding"):
+        lm.model(local[0], padded, local[2])  # positional, as Transformers' signature allows
+    with pytest.raises(ValueError, match="pass position_ids"):
+        lm.model(input_ids=local[0])  # RoPE would see local positions
+    with pytest.raises(ValueError, match="shift labels on the whole sequence"):
+        lm(input_ids=local[0], position_ids=local[2], labels=local[1])
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        apply_context_parallel(tiny_llama(), None)
     return all(torch.allclose(twice[n], 2 * once[n], rtol=1e-12, atol=1e-15) for n in once)
 
 
-def test_a_second_backward_recomputes_again_and_padding_masks_are_refused(pool):
+def test_a_second_backward_recomputes_again_and_wrong_inputs_are_refused(pool):
     assert all(pool.run(_twice_and_padding, 2))

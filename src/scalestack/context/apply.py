@@ -11,9 +11,11 @@ labels: an ``attention_mask`` with zeros is refused, since Transformers builds n
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import ProcessGroup
 
@@ -40,12 +42,31 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return out.transpose(1, 2).contiguous(), None
 
 
-def _refuse_padding_masks(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    mask = kwargs.get("attention_mask")
+def _check_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse what would be silently wrong on a shard: a padding mask (Transformers builds none for this
+    attention), local positions for RoPE, and Transformers' own loss (it shifts labels inside the shard and
+    averages per rank)."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return  # the model's own error says what is wrong
+    mask = bound.get("attention_mask")
     if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
         raise ValueError(
             "context-parallel attention takes no attention_mask with padding: pack the padding as its "
             "own document (cp_document_ids = document_ids(cu_seqlens, N)) with ignored labels"
+        )
+    if bound.get("labels") is not None:
+        raise ValueError(
+            "under context parallelism Transformers' loss would shift labels inside this rank's shard and average "
+            "per rank: shift labels on the whole sequence, shard them, and use chunked_cross_entropy with "
+            "global_mean_loss"
+        )
+    group = getattr(module, "_context_parallel_group", None)
+    if bound.get("position_ids") is None and group is not None and dist.get_world_size(group) > 1:
+        raise ValueError(
+            "pass position_ids, this rank's shard of the global positions (shard_sequence(torch.arange(N)[None], "
+            "P, rank)): without them RoPE would see local positions"
         )
 
 
@@ -58,6 +79,9 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup, *, kernel: Ker
         raise ImportError("apply_context_parallel works on Transformers models: pip install transformers") from None
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"apply_context_parallel takes a Transformers model, got {type(model).__name__}")
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group must be the context-parallel ProcessGroup (of a DeviceMesh: mesh['cp'].get_group()), "
+                        f"got {group!r}")  # fmt: skip
     AttentionInterface.register(IMPLEMENTATION, _attention)
     attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "scaling")]
     if not attention_modules:
@@ -68,6 +92,7 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup, *, kernel: Ker
     model.set_attn_implementation(IMPLEMENTATION)
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
-            m.register_forward_pre_hook(_refuse_padding_masks, with_kwargs=True)
+            m._context_parallel_group = group
+            m.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     model.config.use_cache = False  # training: a KV cache would also grow again under checkpoint recomputation
     return model

@@ -106,8 +106,9 @@ def _keys(kv: torch.Tensor, segment: _Segment) -> torch.Tensor:
 def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
     """out, lse (in place) <- the attention over both key sets, from each one's output and log-sum-exp."""
     total = torch.logaddexp(lse, part_lse)
-    keep = torch.nan_to_num(torch.exp(lse - total), nan=0.0)[..., None]  # rows that see no key yet: -inf - -inf
-    add = torch.nan_to_num(torch.exp(part_lse - total), nan=0.0)[..., None]
+    unseen = torch.isneginf(total)[..., None]  # rows that see no key in either set yet: -inf - -inf
+    keep = torch.exp(lse - total)[..., None].masked_fill_(unseen, 0.0)
+    add = torch.exp(part_lse - total)[..., None].masked_fill_(unseen, 0.0)
     out.mul_(keep).add_(part.to(out.dtype) * add)
     lse.copy_(total)
 
@@ -133,10 +134,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
                         acc, acc_lse = part.to(compute), part_lse.to(compute)
                     else:
                         _merge(acc, acc_lse, part, part_lse)
-                if acc is not None:  # a run that sees no key (only under document masks) keeps 0 and -inf
-                    out[:, :, run.rows], lse[:, :, run.rows] = acc, acc_lse
-                else:
-                    out[:, :, run.rows] = 0
+                out[:, :, run.rows], lse[:, :, run.rows] = acc, acc_lse  # every query sees itself at least
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.docs, ctx.scale, ctx.block = group, causal, docs, scale, block
         ctx.runs, ctx.kernel = runs, kernel
@@ -182,6 +180,14 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bool tensor or a ``SegmentMask``. Default ``FLASH``: torch's fused flash kernel (CPU, or CUDA in bf16/fp16)
     where the mask allows, else the fp32 matmul kernel of ``kernel.py`` (``MATMUL``)."""
     group = group if group is not None else dist.group.WORLD
+    if not isinstance(group, ProcessGroup) or dist.get_rank(group) < 0:
+        raise ValueError(f"group must be a ProcessGroup this rank belongs to (of a DeviceMesh: "
+                         f"mesh['cp'].get_group()), got {group!r}")  # fmt: skip
+    if not (q.dtype == k.dtype == v.dtype and q.is_floating_point()) or not q.device == k.device == v.device:
+        raise TypeError(f"q, k and v must share one floating dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
+                        f"on {q.device}/{k.device}/{v.device}")  # fmt: skip
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block (query rows per kernel block) must be an int >= 1 or None, got {block!r}")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:1] + q.shape[2:] != k.shape[:1] + k.shape[2:]:
         raise ValueError(f"need q (B, Hq, L, D) and k, v (B, Hkv, L, D) of one B, L and D, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
@@ -196,6 +202,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     docs = None
     if document_ids is not None:
         docs = torch.as_tensor(document_ids, device=q.device)
+        if docs.is_floating_point() or docs.is_complex() or docs.dtype == torch.bool:
+            raise TypeError(f"document_ids must be integer ids (document_ids(cu_seqlens, N)), got {docs.dtype}")
         docs = docs.expand(q.shape[0], -1) if docs.dim() == 1 else docs
         if docs.shape != (q.shape[0], n):
             raise ValueError(f"document_ids must cover the whole sequence, (N,) or (B, N) with N = {n}, got "

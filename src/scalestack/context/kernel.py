@@ -27,10 +27,10 @@ class SegmentMask:
     causal: bool
     documents: torch.Tensor | None = None
 
-    def rows(self, rows: slice) -> torch.Tensor:
-        """(B or 1, rows, keys) bool for the query rows ``rows`` (local to the query block)."""
+    def rows(self, rows: slice, device: torch.device | None = None) -> torch.Tensor:
+        """(B or 1, rows, keys) bool for the query rows ``rows`` (local to the query block), on ``device``."""
         a, b = self.query_start + rows.start, self.query_start + rows.stop
-        device = None if self.documents is None else self.documents.device
+        device = device if self.documents is None else self.documents.device
         mask = torch.ones(1, b - a, self.key_stop - self.key_start, dtype=torch.bool, device=device)
         if self.causal:
             keys = torch.arange(self.key_start, self.key_stop, device=device)
@@ -70,32 +70,33 @@ def _scores(qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale:
     return s
 
 
-def _rows_of(mask: Mask, rows: slice) -> torch.Tensor | None:
+def _rows_of(mask: Mask, rows: slice, device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
-    return mask.rows(rows) if isinstance(mask, SegmentMask) else mask[:, rows]
+    return mask.rows(rows, device) if isinstance(mask, SegmentMask) else mask[:, rows].to(device)
 
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(s - lse), in s's memory."""
-    return s.sub_(lse[..., None]).exp_().nan_to_num_(nan=0.0)  # rows that see no key: -inf - (-inf)
+    """exp(s - lse), in s's memory; 0 in rows that see no key (-inf - -inf), while a NaN in the inputs stays."""
+    return s.sub_(lse[..., None]).exp_().masked_fill_(torch.isneginf(lse)[..., None], 0.0)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float,
                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in the compute dtype) of q against k, v."""
+    """(out (B, Hq, Lq, D), lse (B, Hq, Lq)) of q against k, v, both in the compute dtype (fp32, fp64 for fp64):
+    partial outputs merge without a rounding to q's dtype in between."""
     ct = _compute_dtype(q.dtype)
     b, h, lq, d = q.shape
     qg, k, v = _grouped(q, k.shape[1]).to(ct), k.to(ct), v.to(ct)
-    out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.empty(b, h, lq, v.shape[-1], dtype=ct, device=q.device)
     lse = torch.empty(b, h, lq, dtype=ct, device=q.device)
     step = _rows(block, q, k.shape[2])
     for start in range(0, lq, step):
         rows = slice(start, min(start + step, lq))
-        s = _scores(qg[:, :, :, rows], k, _rows_of(mask, rows), scale)
+        s = _scores(qg[:, :, :, rows], k, _rows_of(mask, rows, q.device), scale)
         block_lse = torch.logsumexp(s, dim=-1)
         o = torch.einsum("bhgqk,bhkd->bhgqd", _probabilities(s, block_lse), v)
-        out[:, :, rows] = o.reshape(b, h, -1, v.shape[-1]).to(q.dtype)
+        out[:, :, rows] = o.reshape(b, h, -1, v.shape[-1])
         lse[:, :, rows] = block_lse.reshape(b, h, -1)
     return out, lse
 
@@ -114,7 +115,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     step = _rows(block, q, k.shape[2])
     for start in range(0, q.shape[2], step):
         rows = slice(start, min(start + step, q.shape[2]))
-        p = _probabilities(_scores(qg[:, :, :, rows], k, _rows_of(mask, rows), scale),
+        p = _probabilities(_scores(qg[:, :, :, rows], k, _rows_of(mask, rows, q.device), scale),
                            lseg[:, :, :, rows])  # fmt: skip
         do = dog[:, :, :, rows]
         dv += torch.einsum("bhgqk,bhgqd->bhkd", p, do)

@@ -25,6 +25,17 @@ class Layout:
     n: int
     runs: tuple[tuple[tuple[int, int], ...], ...]
 
+    def __post_init__(self) -> None:
+        if not self.runs or any(length < 1 for rank in self.runs for _, length in rank):
+            raise ValueError("a Layout needs at least one rank, and runs of at least one position")
+        covered = sorted((start, start + length) for rank in self.runs for start, length in rank)
+        if covered[0][0] != 0 or covered[-1][1] != self.n or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            raise ValueError(f"the runs must hold every position of [0, {self.n}) exactly once, got {self.runs}")
+        totals = {sum(length for _, length in rank) for rank in self.runs}
+        if len(totals) != 1:
+            raise ValueError(f"every rank must hold the same number of positions (one all-gather of equal shards), "
+                             f"got {sorted(totals)}")  # fmt: skip
+
     @property
     def cp_size(self) -> int:
         return len(self.runs)
@@ -47,6 +58,8 @@ def head_tail_layout(seq_len: int, cp_size: int) -> Layout:
 def document_head_tail_layout(cu_seqlens: torch.Tensor, seq_len: int, cp_size: int) -> Layout:
     """Head-tail within every document of a packed sequence (``cu_seqlens`` boundaries; tokens past the last
     boundary count as one more document). Every document's length must be a multiple of 2P."""
+    if cp_size < 1:
+        raise ValueError(f"need a context-parallel size >= 1, got {cp_size}")
     cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
     document_ids(torch.tensor(cu), seq_len)  # validates the boundaries
     bounds = cu + ([seq_len] if cu[-1] < seq_len else [])
