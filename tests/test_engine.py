@@ -377,6 +377,25 @@ def test_no_grad_evaluation(pool):
     assert all_sharded and pieces_keep_dims  # the module shows smaller pieces with the same number of dims
 
 
+def freed_case(rank, world, group):
+    """A model that trained a step is freed once the user drops it: no hook keeps it alive."""
+    import gc
+    import weakref
+
+    _, model = make_models()
+    shard(model, group)
+    x, y = next(batches(1))
+    model(local(x, rank, world), local(y, rank, world)).backward()
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    return alive() is None
+
+
+def test_a_sharded_model_is_freed_when_dropped(pool):
+    assert all(pool.run(freed_case, 2))
+
+
 def prefetch_case(rank, world, group):
     """Record each unit's state when its own hook asks for it: prefetched units are already gathering."""
     from scalestack.fsdp import unit as unit_module

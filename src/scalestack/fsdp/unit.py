@@ -19,6 +19,7 @@ neither prefetch nor reshard. The unit does the work; the hooks in ``state.py`` 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from enum import Enum, auto
 
@@ -90,6 +91,20 @@ class _PendingReduce:
     def __init__(self, work: Work | None, buffer: FlatBuffer, output: torch.Tensor, source: torch.Tensor) -> None:
         self.work, self.buffer, self.output, self.source = work, buffer, output, source  # source: alive till done
         self.replicas: Work | None = None
+
+
+class _GradientHook:
+    """The full parameter's post-accumulate-grad hook. It holds the unit and the parameter weakly: the hook
+    lives in autograd's C++ node of the tensor, which Python's gc cannot see, so a strong reference back to the
+    unit would keep the whole model alive forever."""
+
+    def __init__(self, unit: ShardedUnit, param: ManagedParam) -> None:
+        self.unit, self.param = weakref.ref(unit), weakref.ref(param)
+
+    def __call__(self, _tensor: torch.Tensor) -> None:
+        unit, param = self.unit(), self.param()
+        if unit is not None and param is not None:
+            unit._on_gradient(param)
 
 
 class ShardedUnit:
@@ -256,7 +271,7 @@ class ShardedUnit:
                 p.unsharded.requires_grad_(wanted)
             p.synced_requires_grad = wanted
             if wanted and p not in self._hooked:
-                p.unsharded.register_post_accumulate_grad_hook(lambda _, p=p: self._on_gradient(p))
+                p.unsharded.register_post_accumulate_grad_hook(_GradientHook(self, p))
                 self._hooked.add(p)
 
     def _on_gradient(self, p: ManagedParam) -> None:
