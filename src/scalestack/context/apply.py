@@ -47,7 +47,7 @@ def _check_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     attention), local positions for RoPE, and Transformers' own loss (it shifts labels inside the shard and
     averages per rank)."""
     try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        bound = module._context_parallel_signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return  # the model's own error says what is wrong
     mask = bound.get("attention_mask")
@@ -93,6 +93,7 @@ def apply_context_parallel(model: nn.Module, group: ProcessGroup, *, kernel: Ker
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
             m._context_parallel_group = group
+            m._context_parallel_signature = inspect.signature(m.forward)  # once, not on every forward
             m.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     model.config.use_cache = False  # training: a KV cache would also grow again under checkpoint recomputation
     return model

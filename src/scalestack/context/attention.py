@@ -15,6 +15,7 @@ buffer: 2 x 2 h_kv values per token of the sequence.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from torch.distributed import ProcessGroup
 from ..fsdp.collectives import all_gather, reduce_scatter_sum
 from .checkpointing import stash_mode
 from .flash import FLASH
-from .kernel import SegmentMask
+from .kernel import SegmentMask, compute_dtype
 from .sharding import Layout, head_tail_layout
 
 Kernel = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., tuple[torch.Tensor, ...]]]
@@ -59,14 +60,22 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, group: ProcessGroup) -> torch.T
     return gathered.view(p, *local.shape)
 
 
+@functools.lru_cache(maxsize=64)
+def _held_segments(layout: Layout) -> tuple[_Segment, ...]:
+    """Every run of every rank as a key segment, in global order: the same for every layer, computed once."""
+    held = []
+    for r, runs in enumerate(layout.runs):
+        offset = 0
+        for start, length in runs:
+            held.append(_Segment(start, start + length, r, offset))
+            offset += length
+    return tuple(sorted(held))
+
+
 def _query_runs(layout: Layout, rank: int, causal: bool, docs: torch.Tensor | None) -> list[_QueryRun]:
     """The rank's query runs and the key segments each sees: keys before the run's first document (when every
     row's documents are sorted, as packing makes them) or after its last position (causal) are never seen."""
-    held = sorted(
-        _Segment(start, start + length, r, sum(n for _, n in layout.runs[r][:i]))
-        for r in range(layout.cp_size)
-        for i, (start, length) in enumerate(layout.runs[r])
-    )
+    held = _held_segments(layout)
     first = _first_of_document(docs)
     out, local = [], 0
     for start, length in layout.runs[rank]:
@@ -117,7 +126,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, docs, scale, block, kept, layout, kernel):  # noqa: ANN001
         runs = _query_runs(layout, dist.get_rank(group), causal, docs)
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(q.dtype)
         if kept is not None:  # recomputed under activation checkpointing: the first forward's results
             out, lse = kept
         else:

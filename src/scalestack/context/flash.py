@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel import Mask, SegmentMask, attention_backward, attention_forward
+from .kernel import Mask, SegmentMask, attention_backward, attention_forward, compute_dtype
 
 _aten = torch.ops.aten
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -54,7 +54,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
         out, lse = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
     else:
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out + _poison(q, k, v)[..., None], lse + _poison(q, k, v)
+    poison = _poison(q, k, v)
+    return out + poison[..., None], lse + poison
 
 
 def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -76,7 +77,7 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             dout, q, kr, vr, out, lse, 0.0, causal, scale=scale
         )
     group = q.shape[1] // kv_heads  # each group's gradients summed in fp32, not in the kernel's bf16
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(q.dtype)
     return (
         dq,
         dk.view(b, kv_heads, group, keys, d).sum(2, dtype=ct),

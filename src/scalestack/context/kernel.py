@@ -31,14 +31,16 @@ class SegmentMask:
         """(B or 1, rows, keys) bool for the query rows ``rows`` (local to the query block), on ``device``."""
         a, b = self.query_start + rows.start, self.query_start + rows.stop
         device = device if self.documents is None else self.documents.device
-        mask = torch.ones(1, b - a, self.key_stop - self.key_start, dtype=torch.bool, device=device)
-        if self.causal:
-            keys = torch.arange(self.key_start, self.key_stop, device=device)
-            mask = (keys[None] <= torch.arange(a, b, device=device)[:, None])[None]
+        same = None
         if self.documents is not None:
             docs = self.documents
-            mask = mask & (docs[:, a:b, None] == docs[:, None, self.key_start : self.key_stop])
-        return mask
+            same = docs[:, a:b, None] == docs[:, None, self.key_start : self.key_stop]
+        if not self.causal:
+            return same if same is not None else torch.ones(1, b - a, self.key_stop - self.key_start,
+                                                            dtype=torch.bool, device=device)  # fmt: skip
+        keys = torch.arange(self.key_start, self.key_stop, device=device)
+        before = (keys[None] <= torch.arange(a, b, device=device)[:, None])[None]
+        return before if same is None else before & same
 
 
 Mask = torch.Tensor | SegmentMask | None
@@ -52,7 +54,8 @@ def _rows(block: int | None, q: torch.Tensor, keys: int) -> int:
     return max(1, SCORE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * keys))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What attention accumulates in for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -85,7 +88,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out (B, Hq, Lq, D), lse (B, Hq, Lq)) of q against k, v, both in the compute dtype (fp32, fp64 for fp64):
     partial outputs merge without a rounding to q's dtype in between."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     b, h, lq, d = q.shape
     qg, k, v = _grouped(q, k.shape[1]).to(ct), k.to(ct), v.to(ct)
     out = torch.empty(b, h, lq, v.shape[-1], dtype=ct, device=q.device)
@@ -105,7 +108,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                        dout: torch.Tensor, mask: Mask, scale: float,
                        block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv) in the compute dtype, from the forward's saved out and lse (scores recomputed per block)."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     hk = k.shape[1]
     qg, k, v = _grouped(q, hk).to(ct), k.to(ct), v.to(ct)
     og, dog = _grouped(out, hk).to(ct), _grouped(dout, hk).to(ct)
